@@ -1,0 +1,94 @@
+"""The cache manifest: what was cached, with which config, and which shards are finished."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+# Per-token metadata, one record per stored token (the same rows in every site's shards).
+META_DTYPE = np.dtype([
+    ("token_id", "<i4"), ("doc_id", "<i4"), ("position", "<i4"),
+    ("language", "<u1"), ("split", "<u1"),
+])
+
+
+class CacheError(RuntimeError):
+    """A cache that cannot be used as asked: other config, missing or corrupt shard."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same folder + rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> str:
+    """Save ``array`` as .npy atomically; return the sha256 of the bytes written."""
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``: config diffs name the exact keys."""
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def diff_configs(old: dict, new: dict) -> list[str]:
+    """Lines ``key: old → new`` for every differing flattened key."""
+    a, b = flatten(old), flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            lines.append(f"{key}: {a.get(key, '<absent>')!r} → {b.get(key, '<absent>')!r}")
+    return lines
+
+
+def read_manifest(cache_dir: Path) -> dict | None:
+    path = Path(cache_dir) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())

@@ -1,0 +1,254 @@
+"""Write an activation cache: one forward per batch for all sites, sharded, atomic, resumable.
+
+Layout of a cache directory::
+
+    manifest.json              config + hash, sites, widths, dtype, shard list with checksums
+    documents.jsonl            doc_id, pair_id, language, split, source, text
+    meta/00000.npy ...         per-token records (META_DTYPE): token id, doc id, position, ...
+    layers.6.resid/00000.npy   (n_tokens, width) activations; bf16 stored as its int16 bits
+
+Batches are a deterministic function of the config, so a run killed at any point resumes from
+the last finished shard (recomputing at most one batch) and ends byte-identical to a run that was
+never interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sae_train.cache.capture import capture_sites, run_capture
+from sae_train.cache.manifest import (FORMAT_VERSION, META_DTYPE, MANIFEST_NAME, CacheError,
+                                      atomic_save_npy, atomic_write_bytes, atomic_write_json,
+                                      config_hash, diff_configs, read_manifest)
+from sae_train.corpora.types import SPLITS, Document
+from sae_train.models.sites import Site
+
+log = logging.getLogger(__name__)
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class _Context:
+    """One model input: a document (or a window of a long one) as token ids."""
+
+    doc_index: int
+    ids: list[int]
+    keep: np.ndarray  # bool per token: stored (not a special token)
+
+
+def _windows(ids: list[int], special: set[int], max_length: int) -> list[list[int]]:
+    """Split a tokenised document into windows of at most ``max_length``, each keeping the
+    document's leading/trailing special tokens (BOS) so every window looks like a document."""
+    if len(ids) <= max_length:
+        return [ids]
+    lead = 0
+    while lead < len(ids) and ids[lead] in special:
+        lead += 1
+    trail = 0
+    while trail < len(ids) - lead and ids[len(ids) - 1 - trail] in special:
+        trail += 1
+    body = ids[lead:len(ids) - trail]
+    step = max_length - lead - trail
+    if step <= 0:
+        raise ValueError(f"cache.max_length={max_length} leaves no room for text tokens")
+    return [ids[:lead] + body[i:i + step] + ids[len(ids) - trail:]
+            for i in range(0, len(body), step)]
+
+
+def plan_contexts(docs: list[Document], tokenizer, max_length: int,
+                  sort_by_length: bool = True) -> list[_Context]:
+    special = set(tokenizer.all_special_ids)
+    encoded = tokenizer([d.text for d in docs], add_special_tokens=True)["input_ids"]
+    contexts = []
+    for index, ids in enumerate(encoded):
+        for window in _windows(list(ids), special, max_length):
+            keep = np.array([t not in special for t in window], dtype=bool)
+            if keep.any():
+                contexts.append(_Context(index, window, keep))
+    if sort_by_length:
+        # Longest first: similar lengths share a batch (little padding) and an out-of-memory
+        # batch size fails at once rather than at the end.
+        contexts.sort(key=lambda c: -len(c.ids))
+    return contexts
+
+
+def _documents_fingerprint(docs: list[Document]) -> str:
+    digest = hashlib.sha256()
+    for d in docs:
+        digest.update(json.dumps([d.doc_id, d.text, d.language, d.split, d.pair_id]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    x = x.to(STORAGE_DTYPES[dtype])
+    if dtype == "bfloat16":  # numpy has no bfloat16: keep the bits
+        x = x.view(torch.int16)
+    return x.cpu().numpy()
+
+
+class _ShardBuffer:
+    """Accumulates per-batch arrays and cuts them into fixed-size shards."""
+
+    def __init__(self, names: list[str]):
+        self.parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        self.size = 0
+
+    def append(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, arr in arrays.items():
+            self.parts[name].append(arr)
+        self.size += len(arrays["meta"])
+
+    def take(self, n: int) -> dict[str, np.ndarray]:
+        out = {}
+        for name, parts in self.parts.items():
+            joined = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            out[name] = joined[:n]
+            self.parts[name] = [joined[n:]] if len(joined) > n else []
+        self.size -= n
+        return out
+
+
+def write_activation_cache(model, tokenizer, docs: list[Document], sites: list[Site],
+                           out_dir: str | Path, *, dtype: str = "bfloat16",
+                           shard_tokens: int = 16384, batch_size: int = 16,
+                           max_length: int = 128, max_tokens: int | None = None,
+                           sort_by_length: bool = True, provenance: dict | None = None,
+                           progress: bool = True) -> dict:
+    """Cache activations of ``docs`` at ``sites`` into ``out_dir``; resume if it was started.
+
+    ``provenance`` (model/tokenizer/data identity) is part of the config hash: a different
+    model, tokenizer, corpus, site list or cache setting in the same directory is refused.
+    Returns the final manifest.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"cache dtype {dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
+    if shard_tokens <= 0 or batch_size <= 0:
+        raise ValueError("cache.shard_tokens and cache.batch_size must be positive")
+    out = Path(out_dir)
+    languages = list(dict.fromkeys(d.language for d in docs))
+    config = {
+        "provenance": provenance or {},
+        "documents": _documents_fingerprint(docs),
+        "sites": [s.name for s in sites],
+        "cache": {"dtype": dtype, "shard_tokens": shard_tokens, "batch_size": batch_size,
+                  "max_length": max_length, "max_tokens": max_tokens,
+                  "sort_by_length": sort_by_length},
+    }
+    chash = config_hash(config)
+    manifest = read_manifest(out)
+    if manifest is not None and manifest["config_hash"] != chash:
+        diffs = diff_configs(manifest["config"], config)
+        raise CacheError(
+            f"{out} already holds a cache made with a different config; differing keys:\n  "
+            + "\n  ".join(diffs) + "\nUse another cache.dir or delete the old cache."
+        )
+    if manifest is not None and manifest.get("complete"):
+        log.info("cache at %s is complete (%d tokens); nothing to do", out, manifest["n_tokens"])
+        return manifest
+
+    contexts = plan_contexts(docs, tokenizer, max_length, sort_by_length)
+    batches = [contexts[i:i + batch_size] for i in range(0, len(contexts), batch_size)]
+    per_batch = [int(sum(c.keep.sum() for c in b)) for b in batches]
+    total = int(sum(per_batch)) if max_tokens is None else min(int(sum(per_batch)), max_tokens)
+
+    if manifest is None:
+        manifest = {
+            "format_version": FORMAT_VERSION, "config_hash": chash, "config": config,
+            "sites": [{"name": s.name, "layer": s.layer, "kind": s.kind, "width": s.width}
+                      for s in sites],
+            "dtype": dtype, "storage_dtype": "int16" if dtype == "bfloat16" else dtype,
+            "languages": languages, "splits": list(SPLITS), "shard_tokens": shard_tokens,
+            "total_tokens": total, "n_tokens": 0, "shards": [], "complete": False,
+        }
+        doc_lines = "".join(json.dumps({"doc_id": d.doc_id, "pair_id": d.pair_id,
+                                        "language": d.language, "split": d.split,
+                                        "source": d.source, "text": d.text},
+                                       ensure_ascii=False) + "\n" for d in docs)
+        atomic_write_bytes(out / "documents.jsonl", doc_lines.encode())
+        atomic_write_json(out / MANIFEST_NAME, manifest)
+
+    # Resume point: the batch in which the last finished shard ended, minus its stored part.
+    start_batch, skip = 0, 0
+    if manifest["shards"]:
+        last = manifest["shards"][-1]
+        start_batch, skip = last["end_batch"], last["end_offset"]
+        log.info("resuming %s after shard %d (%d/%d tokens)", out, last["index"],
+                 manifest["n_tokens"], total)
+
+    device = next(model.parameters()).device
+    lang_index = {lang: i for i, lang in enumerate(manifest["languages"])}
+    split_index = {s: i for i, s in enumerate(SPLITS)}
+    names = ["meta"] + [s.name for s in sites]
+    buffer = _ShardBuffer(names)
+    written = manifest["n_tokens"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bar = tqdm(total=total, initial=written, unit="tok", unit_scale=True, disable=not progress,
+               desc=f"caching {len(sites)} site(s)", dynamic_ncols=True)
+
+    def flush(n: int, batch: int, offset: int) -> None:
+        nonlocal written
+        index = len(manifest["shards"])
+        arrays = buffer.take(n)
+        files = {}
+        for name in names:
+            rel = f"{name}/{index:05d}.npy"
+            files[name] = {"path": rel, "sha256": atomic_save_npy(out / rel, arrays[name])}
+        written += n
+        manifest["shards"].append({"index": index, "n_tokens": n, "end_batch": batch,
+                                   "end_offset": offset, "files": files})
+        manifest["n_tokens"] = written
+        atomic_write_json(out / MANIFEST_NAME, manifest)  # only now does the shard count
+        bar.set_postfix(shards=index + 1)
+
+    with capture_sites(model, sites) as store:
+        for b in range(start_batch, len(batches)):
+            budget = total - written - buffer.size
+            if budget <= 0:
+                break
+            batch = batches[b]
+            length = max(len(c.ids) for c in batch)
+            ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+            keep = torch.zeros((len(batch), length), dtype=torch.bool)
+            attn = torch.zeros((len(batch), length), dtype=torch.long)
+            for row, c in enumerate(batch):
+                ids[row, length - len(c.ids):] = torch.tensor(c.ids)
+                keep[row, length - len(c.ids):] = torch.from_numpy(c.keep)
+                attn[row, length - len(c.ids):] = 1
+            acts = run_capture(model, store, ids.to(device), attn.to(device))
+            keep_dev = keep.to(device)
+            meta = np.zeros(per_batch[b], dtype=META_DTYPE)
+            rows, cols = keep.nonzero(as_tuple=True)
+            meta["token_id"] = ids[rows, cols].numpy()
+            doc_rows = [docs[c.doc_index] for c in batch]
+            meta["doc_id"] = [doc_rows[r].doc_id for r in rows.tolist()]
+            meta["position"] = (cols - (length - torch.tensor([len(c.ids) for c in batch])[rows])
+                                ).numpy()
+            meta["language"] = [lang_index[doc_rows[r].language] for r in rows.tolist()]
+            meta["split"] = [split_index[doc_rows[r].split] for r in rows.tolist()]
+            arrays = {"meta": meta}
+            for site in sites:
+                arrays[site.name] = _to_storage(acts[site.name][keep_dev], dtype)
+            first = skip if b == start_batch else 0
+            last = min(per_batch[b], first + budget)
+            arrays = {k: v[first:last] for k, v in arrays.items()}
+            buffer.append(arrays)
+            bar.update(last - first)
+            while buffer.size >= shard_tokens:
+                flush(shard_tokens, b, last - (buffer.size - shard_tokens))
+            if written + buffer.size >= total and buffer.size > 0:
+                flush(buffer.size, b, last)
+    bar.close()
+    if written != total:
+        raise CacheError(f"cache at {out}: wrote {written} tokens, expected {total}")
+    manifest["complete"] = True
+    atomic_write_json(out / MANIFEST_NAME, manifest)
+    return manifest
