@@ -37,6 +37,10 @@ def site_patterns(sites) -> list[str]:
 def run_cache(cfg: DictConfig) -> dict:
     """Run the caching job described by ``cfg``; returns the finished manifest."""
     torch.manual_seed(cfg.seed)
+    if not cfg.progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     model, tokenizer, info = load_model(cfg.model)
     sites = resolve_sites(model, site_patterns(cfg.sites))
