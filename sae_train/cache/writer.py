@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +119,91 @@ class _ShardBuffer:
         return out
 
 
+class _BackgroundShardWriter:
+    """Writes finished shards on a thread, in order, so disk I/O overlaps the next forward.
+
+    The manifest lists a shard only after all of its files are on disk, so a kill at any
+    moment leaves a consistent cache. At most ``max_pending`` shards wait in memory.
+    """
+
+    def __init__(self, out: Path, manifest: dict, names: list[str], on_shard=None,
+                 max_pending: int = 1):
+        self.out, self.manifest, self.names, self.on_shard = out, manifest, names, on_shard
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="shard-writer")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure; the main thread re-raises it
+            try:
+                self._write(*job)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                self.error = err
+
+    def _write(self, arrays: dict[str, np.ndarray], batch: int, offset: int) -> None:
+        index = len(self.manifest["shards"])
+        files = {}
+        for name in self.names:
+            rel = f"{name}/{index:05d}.npy"
+            files[name] = {"path": rel, "sha256": atomic_save_npy(self.out / rel, arrays[name])}
+        n = len(arrays["meta"])
+        self.manifest["shards"].append({"index": index, "n_tokens": n, "end_batch": batch,
+                                        "end_offset": offset, "files": files})
+        self.manifest["n_tokens"] += n
+        atomic_write_json(self.out / MANIFEST_NAME, self.manifest)  # only now does it count
+        if self.on_shard is not None:
+            self.on_shard(index)
+
+    def submit(self, arrays: dict[str, np.ndarray], batch: int, offset: int) -> None:
+        self._raise_if_failed()
+        self.queue.put((arrays, batch, offset))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise CacheError(f"writing a shard under {self.out} failed: {self.error}") \
+                from self.error
+
+
+def _batch_arrays(model, store, batch: list[_Context], docs: list[Document], sites: list[Site],
+                  dtype: str, pad_id: int, device, lang_index: dict, split_index: dict,
+                  n_stored: int) -> dict[str, np.ndarray]:
+    """Run one left-padded batch and return the stored tokens' metadata and activations."""
+    length = max(len(c.ids) for c in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    keep = torch.zeros((len(batch), length), dtype=torch.bool)
+    attn = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, c in enumerate(batch):
+        ids[row, length - len(c.ids):] = torch.tensor(c.ids)
+        keep[row, length - len(c.ids):] = torch.from_numpy(c.keep)
+        attn[row, length - len(c.ids):] = 1
+    acts = run_capture(model, store, ids.to(device), attn.to(device))
+    keep_dev = keep.to(device)
+    rows, cols = keep.nonzero(as_tuple=True)
+    row_docs = [docs[batch[r].doc_index] for r in rows.tolist()]
+    pads = length - torch.tensor([len(c.ids) for c in batch])
+    meta = np.zeros(n_stored, dtype=META_DTYPE)
+    meta["token_id"] = ids[rows, cols].numpy()
+    meta["doc_id"] = [d.doc_id for d in row_docs]
+    meta["position"] = (cols - pads[rows]).numpy()
+    meta["language"] = [lang_index[d.language] for d in row_docs]
+    meta["split"] = [split_index[d.split] for d in row_docs]
+    arrays = {"meta": meta}
+    for site in sites:
+        arrays[site.name] = _to_storage(acts[site.name][keep_dev], dtype)
+    return arrays
+
+
 def write_activation_cache(model, tokenizer, docs: list[Document], sites: list[Site],
                            out_dir: str | Path, *, dtype: str = "bfloat16",
                            shard_tokens: int = 16384, batch_size: int = 16,
@@ -189,66 +276,39 @@ def write_activation_cache(model, tokenizer, docs: list[Document], sites: list[S
     split_index = {s: i for i, s in enumerate(SPLITS)}
     names = ["meta"] + [s.name for s in sites]
     buffer = _ShardBuffer(names)
-    written = manifest["n_tokens"]
+    handed_over = manifest["n_tokens"]  # tokens already given to the shard writer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = tqdm(total=total, initial=written, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"caching {len(sites)} site(s)", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=handed_over, unit="tok", unit_scale=True,
+               disable=not progress, desc=f"caching {len(sites)} site(s)", dynamic_ncols=True)
+    writer = _BackgroundShardWriter(out, manifest, names,
+                                    on_shard=lambda i: bar.set_postfix(shards=i + 1))
 
     def flush(n: int, batch: int, offset: int) -> None:
-        nonlocal written
-        index = len(manifest["shards"])
-        arrays = buffer.take(n)
-        files = {}
-        for name in names:
-            rel = f"{name}/{index:05d}.npy"
-            files[name] = {"path": rel, "sha256": atomic_save_npy(out / rel, arrays[name])}
-        written += n
-        manifest["shards"].append({"index": index, "n_tokens": n, "end_batch": batch,
-                                   "end_offset": offset, "files": files})
-        manifest["n_tokens"] = written
-        atomic_write_json(out / MANIFEST_NAME, manifest)  # only now does the shard count
-        bar.set_postfix(shards=index + 1)
+        nonlocal handed_over
+        writer.submit(buffer.take(n), batch, offset)
+        handed_over += n
 
-    with capture_sites(model, sites) as store:
-        for b in range(start_batch, len(batches)):
-            budget = total - written - buffer.size
-            if budget <= 0:
-                break
-            batch = batches[b]
-            length = max(len(c.ids) for c in batch)
-            ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-            keep = torch.zeros((len(batch), length), dtype=torch.bool)
-            attn = torch.zeros((len(batch), length), dtype=torch.long)
-            for row, c in enumerate(batch):
-                ids[row, length - len(c.ids):] = torch.tensor(c.ids)
-                keep[row, length - len(c.ids):] = torch.from_numpy(c.keep)
-                attn[row, length - len(c.ids):] = 1
-            acts = run_capture(model, store, ids.to(device), attn.to(device))
-            keep_dev = keep.to(device)
-            meta = np.zeros(per_batch[b], dtype=META_DTYPE)
-            rows, cols = keep.nonzero(as_tuple=True)
-            meta["token_id"] = ids[rows, cols].numpy()
-            doc_rows = [docs[c.doc_index] for c in batch]
-            meta["doc_id"] = [doc_rows[r].doc_id for r in rows.tolist()]
-            meta["position"] = (cols - (length - torch.tensor([len(c.ids) for c in batch])[rows])
-                                ).numpy()
-            meta["language"] = [lang_index[doc_rows[r].language] for r in rows.tolist()]
-            meta["split"] = [split_index[doc_rows[r].split] for r in rows.tolist()]
-            arrays = {"meta": meta}
-            for site in sites:
-                arrays[site.name] = _to_storage(acts[site.name][keep_dev], dtype)
-            first = skip if b == start_batch else 0
-            last = min(per_batch[b], first + budget)
-            arrays = {k: v[first:last] for k, v in arrays.items()}
-            buffer.append(arrays)
-            bar.update(last - first)
-            while buffer.size >= shard_tokens:
-                flush(shard_tokens, b, last - (buffer.size - shard_tokens))
-            if written + buffer.size >= total and buffer.size > 0:
-                flush(buffer.size, b, last)
-    bar.close()
-    if written != total:
-        raise CacheError(f"cache at {out}: wrote {written} tokens, expected {total}")
+    try:
+        with capture_sites(model, sites) as store:
+            for b in range(start_batch, len(batches)):
+                budget = total - handed_over - buffer.size
+                if budget <= 0:
+                    break
+                arrays = _batch_arrays(model, store, batches[b], docs, sites, dtype, pad_id,
+                                       device, lang_index, split_index, per_batch[b])
+                first = skip if b == start_batch else 0
+                last = min(per_batch[b], first + budget)
+                buffer.append({k: v[first:last] for k, v in arrays.items()})
+                bar.update(last - first)
+                while buffer.size >= shard_tokens:
+                    flush(shard_tokens, b, last - (buffer.size - shard_tokens))
+                if handed_over + buffer.size >= total and buffer.size > 0:
+                    flush(buffer.size, b, last)
+    finally:
+        writer.close()
+        bar.close()
+    if manifest["n_tokens"] != total:
+        raise CacheError(f"cache at {out}: wrote {manifest['n_tokens']} tokens, expected {total}")
     manifest["complete"] = True
     atomic_write_json(out / MANIFEST_NAME, manifest)
     return manifest
