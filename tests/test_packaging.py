@@ -3,7 +3,9 @@ because conf/ is mapped into the wheel as sae_train._conf)."""
 
 from __future__ import annotations
 
-import tomllib
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 from pathlib import Path
 
 
