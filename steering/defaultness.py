@@ -1,0 +1,166 @@
+"""Defaultness ΔM: how much next-token mass a model puts on the target language over English.
+
+For a prompt x, greedy decoding gives contexts ctx_1 (the prompt) … ctx_T (prompt + the first
+T-1 greedy tokens). With V_L a language token set (:mod:`steering.token_sets`)::
+
+    M_t^L(x) = Σ_{u ∈ V_L} p(u | ctx_t)            (softmax of the step-t logits, float32)
+    ΔM(x)    = (1/T) Σ_{t ≤ T} (M_t^tgt(x) − M_t^en(x))      T = ``steps``, default 3
+
+Prompts are formatted with a template (base models: ``"Question: {prompt}\\nAnswer:"``),
+tokenised with the tokenizer's special tokens (BOS), left-padded into batches with an attention
+mask and position ids counted from each row's first real token, and stepped with the KV cache.
+That costs ``steps`` forward passes per batch (the prompt, then one token per step) and gives the
+same numbers as one prompt at a time with full forwards (tested).
+
+``intervention`` lets a later stage measure ΔM under an edit: a zero-argument callable returning
+a context manager, entered once around each batch's generation (so hooks can keep per-batch
+state such as a decode-step counter).
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Sequence
+
+import torch
+
+from steering.token_sets import LanguageTokenSets
+
+DEFAULT_TEMPLATE = "Question: {prompt}\nAnswer:"
+
+
+@dataclass
+class DefaultnessResult:
+    """Per-prompt ΔM and the per-step masses behind it (rows follow the input prompts)."""
+
+    target: str
+    english: str
+    delta_m: torch.Tensor  # (n_prompts,) float32
+    mass_target: torch.Tensor  # (n_prompts, steps) float32
+    mass_english: torch.Tensor  # (n_prompts, steps) float32
+    tokens: torch.Tensor  # (n_prompts, steps) long: the greedy token chosen at each step
+    prompts: list[str]  # formatted prompts, as fed to the tokenizer
+
+    @property
+    def steps(self) -> int:
+        return int(self.mass_target.shape[1])
+
+    def mean(self) -> float:
+        return float(self.delta_m.mean())
+
+    def to_dict(self) -> dict:
+        return {
+            "target": self.target, "english": self.english, "steps": self.steps,
+            "mean_delta_m": self.mean(), "delta_m": self.delta_m.tolist(),
+            "mass_target": self.mass_target.tolist(), "mass_english": self.mass_english.tolist(),
+            "tokens": self.tokens.tolist(), "prompts": self.prompts,
+        }
+
+
+def format_prompts(prompts: Sequence, template: str = DEFAULT_TEMPLATE) -> list[str]:
+    """``template.format(prompt=…)`` for each prompt (strings or objects with ``.text``)."""
+    if "{prompt}" not in template:
+        raise ValueError(f"prompt template {template!r} has no '{{prompt}}' placeholder")
+    return [template.format(prompt=getattr(p, "text", p)) for p in prompts]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (batch, longest), real tokens flush right."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, length - len(seq):] = 1
+    return ids, mask
+
+
+def _cache_keyword(model) -> str:
+    """transformers ≥5.2x calls the KV cache argument ``cache``; earlier ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+@torch.inference_mode()
+def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           set_ids: Sequence[torch.Tensor], steps: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy-decode ``steps`` tokens from a left-padded batch with the KV cache.
+
+    Returns (masses ``(len(set_ids), batch, steps)``, tokens ``(batch, steps)``); masses[k]
+    sums the float32 softmax over ``set_ids[k]`` at each step.
+    """
+    device = input_ids.device
+    masses = torch.zeros(len(set_ids), input_ids.shape[0], steps, dtype=torch.float32)
+    tokens = torch.zeros(input_ids.shape[0], steps, dtype=torch.long)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=True, logits_to_keep=1)
+    largest = max((int(ids.max()) for ids in set_ids if len(ids)), default=-1)
+    if largest >= out.logits.shape[-1]:
+        raise ValueError(f"token sets hold ids up to {largest}, but the model has only "
+                         f"{out.logits.shape[-1]} logits: sets from another tokenizer?")
+    for step in range(steps):
+        logits = out.logits[:, -1].float()
+        probs = logits.softmax(-1)
+        for k, ids in enumerate(set_ids):
+            masses[k, :, step] = probs.index_select(-1, ids).sum(-1).cpu()
+        chosen = logits.argmax(-1)
+        tokens[:, step] = chosen.cpu()
+        if step == steps - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(chosen), 1)], 1)
+        position_ids = position_ids[:, -1:] + 1
+        out = model(input_ids=chosen[:, None].to(device), attention_mask=attention_mask,
+                    position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                    **{_cache_keyword(model): _returned_cache(out)})
+    return masses, tokens
+
+
+def defaultness(model, tokenizer, prompts: Sequence, token_sets: LanguageTokenSets,
+                target: str, *, english: str = "en", steps: int = 3, batch_size: int = 16,
+                template: str = DEFAULT_TEMPLATE,
+                intervention: Callable[[], ContextManager] | None = None,
+                add_special_tokens: bool = True) -> DefaultnessResult:
+    """ΔM of ``target`` over ``english`` for each prompt over the first ``steps`` greedy steps.
+
+    ``prompts``: strings or objects with ``.text`` (e.g. ``load_embedded_prompts()``), formatted
+    with ``template``. ``intervention``: zero-argument callable returning a context manager,
+    entered around each batch (``None``: the unmodified model).
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be ≥ 1 (got {steps}, {batch_size})")
+    if target == english:
+        raise ValueError(f"target and english are both {target!r}; ΔM would be 0")
+    texts = format_prompts(prompts, template)
+    if not texts:
+        raise ValueError("no prompts given")
+    device = next(model.parameters()).device
+    set_ids = [token_sets.id_tensor(target, device), token_sets.id_tensor(english, device)]
+    encoded = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    empty = [texts[i] for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"prompt {empty[0]!r} tokenises to nothing")
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    mass_chunks, token_chunks = [], []
+    for start in range(0, len(texts), batch_size):
+        input_ids, attention_mask = left_pad(encoded[start:start + batch_size], pad_id)
+        with intervention() if intervention is not None else nullcontext():
+            masses, tokens = greedy_language_masses(model, input_ids.to(device),
+                                                    attention_mask.to(device), set_ids, steps)
+        mass_chunks.append(masses)
+        token_chunks.append(tokens)
+    masses = torch.cat(mass_chunks, dim=1)
+    return DefaultnessResult(
+        target=target, english=english, delta_m=(masses[0] - masses[1]).mean(-1),
+        mass_target=masses[0], mass_english=masses[1], tokens=torch.cat(token_chunks),
+        prompts=texts,
+    )
