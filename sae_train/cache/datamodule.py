@@ -167,6 +167,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.cache: ActivationCache | None = None
         self.train_data: CachedActivationBatches | None = None
         self.val_data: CachedActivationBatches | None = None
+        self._pending_state: dict | None = None
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -193,6 +194,9 @@ class ActivationDataModule(L.LightningDataModule):
                 shuffle=self.shuffle, drop_last=self.drop_last, rank=rank, world_size=world,
                 block_tokens=self.block_tokens, window_tokens=self.window_tokens,
                 prefetch=self.prefetch)
+            if self._pending_state is not None:  # restored from a checkpoint before setup
+                self.train_data.load_state_dict(self._pending_state)
+                self._pending_state = None
 
     def _loader(self, data) -> DataLoader:
         # Batches are built by the dataset; the loader only pins and hands them over.
@@ -209,6 +213,7 @@ class ActivationDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("train"):
-            self._pending_state = state["train"]
             if self.train_data is not None:
                 self.train_data.load_state_dict(state["train"])
+            else:
+                self._pending_state = state["train"]
