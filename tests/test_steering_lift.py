@@ -148,13 +148,19 @@ def test_batched_lift_equals_one_feature_at_a_time_and_costs_what_it_says(plante
                     "edited_generations": 480, "forward_passes": 3 * 483, "rows": 7680}
 
 
-def _no_hooks(model) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+def _hooks(model) -> set:
+    """Every forward (pre-)hook on the model. transformers installs its own output-recording
+    hooks the first time a model runs with output_hidden_states, so tests compare snapshots
+    rather than expecting none at all."""
+    return {(name, kind, key) for name, m in model.named_modules()
+            for kind, hooks in (("fwd", m._forward_hooks), ("pre", m._forward_pre_hooks))
+            for key in hooks}
 
 
 def test_hooks_are_removed_even_on_error_and_the_model_is_unchanged(planted):
     model, tokenizer, sets, dictionary, scale = planted
     ids = tokenizer(["Question: Why do we sleep?\nAnswer:"], return_tensors="pt")["input_ids"]
+    hooks_before = _hooks(model)
     with torch.no_grad():
         before = model(input_ids=ids).logits.clone()
     push = 2 * scale * dictionary[PLANTED]
@@ -169,7 +175,7 @@ def test_hooks_are_removed_even_on_error_and_the_model_is_unchanged(planted):
     with pytest.raises(ValueError, match="logits"):  # fails inside the edited generation
         logit_mass_lift(model, tokenizer, PROMPTS, too_big, "es", SITE, dictionary, ALPHAS,
                         scale, baseline=torch.zeros(len(PROMPTS)))
-    assert _no_hooks(model)
+    assert _hooks(model) == hooks_before
     with torch.no_grad():
         after = model(input_ids=ids).logits
         with site_delta_edit(model, SITE, push):
@@ -183,6 +189,7 @@ def test_edit_lands_on_the_block_output_for_tensor_and_tuple_outputs(planted):
     layers = decoder_layers(model)
     ids = tokenizer(["Question: Hi.\nAnswer:", "Name a fruit."], return_tensors="pt",
                     padding=True)
+    hooks_before = _hooks(model)
     seen = {}
 
     def grab_input(name):
@@ -216,7 +223,7 @@ def test_edit_lands_on_the_block_output_for_tensor_and_tuple_outputs(planted):
     assert torch.equal(tensor_path["in"], plain["in"])  # the block's input is not edited
     torch.testing.assert_close(tensor_path["next"], plain["next"] + vectors[:, None, :])
     torch.testing.assert_close(tuple_path["next"], tensor_path["next"])
-    assert _no_hooks(model)
+    assert _hooks(model) == hooks_before
 
 
 def test_top_tokens_of_the_planted_direction_are_target_tokens(planted):

@@ -77,6 +77,17 @@ class SAEOutput(NamedTuple):
     def loss(self) -> Tensor:
         return sum(self.losses.values())
 
+    def l0(self) -> Tensor:
+        """(batch,) number of latents that fired for each token."""
+        return (self.latent_values != 0).sum(-1)
+
+    def fire_counts(self, n_latents: int) -> Tensor:
+        """(n_latents,) number of tokens each latent fired for (no dense matrix for top-k)."""
+        fired = self.latent_values != 0
+        if self.latent_indices is None:
+            return fired.sum(0)
+        return torch.bincount(self.latent_indices[fired], minlength=n_latents)
+
     def active(self, n_latents: int) -> Tensor:
         """(batch, n_latents) bool: which latents fired for each token."""
         if self.latent_indices is None:

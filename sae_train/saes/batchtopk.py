@@ -1,8 +1,10 @@
 """BatchTopK SAE (Bussmann et al. 2024): keep the k·batch largest activations of the whole batch.
 
 Tokens get a variable number of latents during training. At inference a batch-independent rule is
-needed, so training tracks a running average of the smallest activation kept per batch; in eval
-mode (and in the exported SAE) a latent fires when its pre-activation exceeds that threshold.
+needed: a latent fires when its pre-activation exceeds a threshold. During training the threshold
+is a running average of the smallest activation kept per batch (used by validation); at the end
+of training :meth:`calibrate_threshold` sets it on a data sample so that the mean L0 is exactly k,
+and that threshold is exported.
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ class BatchTopKSAE(TopKSAE):
         else:
             m = self.config.threshold_momentum
             self.threshold.mul_(m).add_((1 - m) * smallest)
+
+    @torch.no_grad()
+    def calibrate_threshold(self, x: Tensor) -> None:
+        """Set the inference threshold so that, on ``x`` (n, d_in) raw activations, exactly k
+        latents per token fire on average (the same L0 as training)."""
+        pre_acts = F.relu(self.pre_activations(x)).reshape(-1)
+        keep = min(self.k * x.shape[0], pre_acts.numel())
+        smallest_kept = pre_acts.topk(keep, sorted=False).values.min()
+        self.threshold.copy_(smallest_kept.to(self.threshold.dtype))
 
     def threshold_codes(self, pre_acts: Tensor) -> Tensor:
         if self.threshold < 0:

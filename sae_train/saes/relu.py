@@ -1,10 +1,11 @@
 """ReLU SAE with an L1 penalty weighted by decoder row norms (Anthropic, April 2024 update).
 
 The penalty is λ · E_tokens[Σ_j z_j ‖d_j‖] / √d_in on the scaled input (E‖x‖ = √d_in), next to
-an FVU reconstruction term. All-zero codes cost FVU = 1, so λ is a fraction of that budget:
-codes that spend about one input norm on latents cost about λ. This is what the paper's setup
-got wrong (an L1 of 5e-3 on a sum over latents against an MSE *averaged over dimensions* makes
-all-zero codes optimal; see FACTS.md).
+an FVU reconstruction term. Both are in the same units whatever the layer's scale or width: all-
+zero codes cost FVU ≈ 1, and codes that spend about one input norm on latents cost about λ (a
+latent survives only if it explains more than about λ/2 of a token's norm, so λ of order 1 or
+more kills most latents). The paper's setup got this wrong: an L1 of 5e-3 on a sum over latents
+against an MSE *averaged over dimensions* (÷ d) makes all-zero codes optimal (see FACTS.md).
 
 ``tied=True`` is the paper's tied-weight variant: the encoder uses the decoder matrix.
 """
@@ -34,11 +35,6 @@ class ReLUConfig(SAEConfig):
         super().__post_init__()
         if self.l1_coefficient < 0:
             raise SAEConfigError("sae.l1_coefficient must be ≥ 0")
-        if self.l1_coefficient >= 1:
-            raise SAEConfigError(
-                f"sae.l1_coefficient={self.l1_coefficient} ≥ 1: the L1 cost of reconstructing a "
-                "token would exceed the FVU of predicting nothing, so all-zero codes become "
-                "optimal and every latent dies; use a value well below 1 (default 0.1)")
 
 
 class ReLUSAE(SparseAutoencoder):

@@ -8,7 +8,8 @@ from the k selected latents only:
 - decode: an ``embedding_bag`` (a weighted sum of k decoder rows per token);
 - weight gradients: a (n_latents × batch) CSR matrix with k entries per token times a dense
   (batch × d) matrix;
-- input / bias gradients: ``embedding_bag`` and ``index_add``.
+- input / value / bias gradients: ``embedding_bag`` (forward, and its per-sample-weight
+  gradient) and ``index_add``.
 
 The encoder's forward matmul stays dense (every pre-activation is needed to pick the top k).
 :func:`dense_topk_encode` / :func:`dense_decode` are the reference implementations the tests
@@ -17,13 +18,11 @@ compare against (values and gradients).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-# Largest (rows × k × d) block materialised at once when gathering decoder rows.
-_GATHER_ELEMENTS = 1 << 24
-
 
 def _latent_major(indices: Tensor, n_latents: int, weights: Tensor) -> Tensor:
     """(n_latents, batch) CSR matrix S with S[indices[b, i], b] = weights[b, i].
@@ -39,19 +38,24 @@ def _latent_major(indices: Tensor, n_latents: int, weights: Tensor) -> Tensor:
     crow = torch.zeros(n_latents + 1, dtype=torch.long, device=indices.device)
     crow[1:] = counts.cumsum(0)
     values = weights.reshape(-1)[order]
-    return torch.sparse_csr_tensor(crow, tokens, values, (n_latents, batch),
-                                   check_invariants=False)
+    with warnings.catch_warnings():  # CSR works on CPU and CUDA; its "beta" notice is noise
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, tokens, values, (n_latents, batch),
+                                       check_invariants=False)
 
 
 def _gather_dot(rows: Tensor, indices: Tensor, vectors: Tensor) -> Tensor:
-    """out[b, i] = ⟨rows[indices[b, i]], vectors[b]⟩, in blocks of tokens to bound memory."""
-    batch, k = indices.shape
-    step = max(1, _GATHER_ELEMENTS // max(1, k * rows.shape[1]))
-    out = torch.empty(batch, k, dtype=vectors.dtype, device=vectors.device)
-    for start in range(0, batch, step):
-        block = rows[indices[start:start + step]].to(vectors.dtype)  # (b, k, d)
-        out[start:start + step] = torch.bmm(block, vectors[start:start + step, :, None])[..., 0]
-    return out
+    """out[b, i] = ⟨rows[indices[b, i]], vectors[b]⟩ without materialising (batch, k, d).
+
+    This is the gradient of an embedding bag with respect to its per-sample weights; autograd
+    has a kernel for exactly that (about 5x faster on CPU than gathering the rows).
+    """
+    with torch.enable_grad():
+        weights = torch.ones(indices.shape, dtype=rows.dtype, device=rows.device,
+                             requires_grad=True)
+        bag = F.embedding_bag(indices, rows.detach(), per_sample_weights=weights, mode="sum")
+        (out,) = torch.autograd.grad(bag, weights, vectors.to(rows.dtype))
+    return out.to(vectors.dtype)
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -76,19 +80,20 @@ class _TopKEncode(torch.autograd.Function):
         n_latents = weight.shape[0]
         x = x_centered.to(torch.float32)
         w = weight.to(torch.float32)
-        grad_x = torch.zeros_like(x)
-        grad_w = torch.zeros_like(w)
-        grad_b = torch.zeros(n_latents, dtype=torch.float32, device=w.device)
+        grad_x = grad_w = grad_b = None
         if grad_values is not None:
             g = grad_values.to(torch.float32) * (values > 0)  # relu: no gradient at zero
-            grad_x += F.embedding_bag(indices, w, per_sample_weights=g, mode="sum")
-            grad_w += _latent_major(indices, n_latents, g) @ x
+            grad_x = F.embedding_bag(indices, w, per_sample_weights=g, mode="sum")
+            grad_w = _latent_major(indices, n_latents, g) @ x
+            grad_b = torch.zeros(n_latents, dtype=torch.float32, device=w.device)
             grad_b.index_add_(0, indices.reshape(-1), g.reshape(-1))
         if grad_pre_acts is not None:  # AuxK; already zero where the relu was inactive
             g = grad_pre_acts.to(torch.float32)
-            grad_x += g @ w
-            grad_w += g.t() @ x
-            grad_b += g.sum(0)
+            grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
+            grad_w = g.t() @ x if grad_w is None else grad_w.addmm_(g.t(), x)
+            grad_b = g.sum(0) if grad_b is None else grad_b.add_(g.sum(0))
+        if grad_x is None:
+            return None, None, None, None
         return (grad_x.to(x_centered.dtype), grad_w.to(weight.dtype), grad_b.to(weight.dtype),
                 None)
 
