@@ -29,7 +29,7 @@ from sae_train.apps import config_dir  # noqa: E402
 from sae_train.cache.capture import left_padded_position_ids  # noqa: E402
 from sae_train.cache.datamodule import CachedActivationBatches  # noqa: E402
 from sae_train.cache.reader import ActivationCache  # noqa: E402
-from sae_train.cache.writer import plan_contexts, write_activation_cache  # noqa: E402
+from sae_train.cache.writer import pad_contexts, plan_contexts, write_activation_cache  # noqa: E402
 from sae_train.config import register_configs  # noqa: E402
 from sae_train.corpora import load_documents  # noqa: E402
 from sae_train.models.loading import load_model  # noqa: E402
@@ -46,12 +46,7 @@ def bare_forward(model, tokenizer, docs, batch_size, max_length) -> tuple[float,
     with torch.inference_mode():
         for i in range(0, len(contexts), batch_size):
             batch = contexts[i:i + batch_size]
-            length = max(len(c.ids) for c in batch)
-            ids = torch.full((len(batch), length), pad, dtype=torch.long)
-            attn = torch.zeros_like(ids)
-            for row, c in enumerate(batch):
-                ids[row, length - len(c.ids):] = torch.tensor(c.ids)
-                attn[row, length - len(c.ids):] = 1
+            ids, attn, _ = pad_contexts(batch, pad)
             body(input_ids=ids, attention_mask=attn,
                  position_ids=left_padded_position_ids(attn), use_cache=False)
             tokens += int(sum(c.keep.sum() for c in batch))

@@ -123,7 +123,7 @@ from torch import Tensor
 from sae_train.cache.capture import capture_sites, run_capture
 from sae_train.cache.manifest import CacheError, file_sha256
 from sae_train.cache.reader import ActivationCache
-from sae_train.cache.writer import plan_contexts
+from sae_train.cache.writer import pad_contexts, plan_contexts
 from sae_train.corpora.embedded import load_embedded_prompts
 from sae_train.models.sites import resolve_sites
 from steering.config import LocaliseAppConfig
@@ -395,14 +395,8 @@ def paired_mlp_activations_from_model(model, tokenizer, target_texts: Sequence[s
     with capture_sites(model, sites) as store:
         for start in range(0, len(order), batch_size):
             batch = [contexts[i] for i in order[start:start + batch_size]]
-            length = max(len(c.ids) for c in batch)
-            ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-            attn = torch.zeros((len(batch), length), dtype=torch.long)
-            keep = torch.zeros((len(batch), length), dtype=torch.bool)
-            for row, c in enumerate(batch):
-                ids[row, length - len(c.ids):] = torch.tensor(c.ids)
-                attn[row, length - len(c.ids):] = 1
-                keep[row, length - len(c.ids):] = torch.from_numpy(c.keep)
+            ids, attn, keep = pad_contexts(batch, pad_id)
+            length = ids.shape[1]
             acts = run_capture(model, store, ids.to(device), attn.to(device))
             doc_of = torch.tensor([c.doc_index for c in batch])
             window_of = torch.tensor(order[start:start + batch_size])

@@ -26,13 +26,15 @@ class CacheError(RuntimeError):
     """A cache that cannot be used as asked: other config, missing or corrupt shard."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see half a file."""
+def atomic_write_bytes(path: Path, *chunks: bytes | memoryview) -> None:
+    """Write via a temp file in the same folder + fsync + rename, so readers (and a resumed
+    run) never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -57,18 +59,7 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> str:
     digest = hashlib.sha256(header.getvalue())
     data = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
     digest.update(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.getvalue())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, header.getvalue(), data)
     return digest.hexdigest()
 
 

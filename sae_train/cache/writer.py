@@ -175,18 +175,26 @@ class _BackgroundShardWriter:
                 from self.error
 
 
+def pad_contexts(batch: list[_Context], pad_id: int):
+    """Left-pad contexts into ``(ids, attention_mask, keep)`` tensors of shape (batch, length);
+    ``keep`` marks the tokens that are stored (real, non-special)."""
+    length = max(len(c.ids) for c in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(batch), length), dtype=torch.long)
+    keep = torch.zeros((len(batch), length), dtype=torch.bool)
+    for row, c in enumerate(batch):
+        ids[row, length - len(c.ids):] = torch.tensor(c.ids)
+        attn[row, length - len(c.ids):] = 1
+        keep[row, length - len(c.ids):] = torch.from_numpy(c.keep)
+    return ids, attn, keep
+
+
 def _batch_arrays(model, store, batch: list[_Context], docs: list[Document], sites: list[Site],
                   dtype: str, pad_id: int, device, lang_index: dict, split_index: dict,
                   n_stored: int) -> dict[str, np.ndarray]:
     """Run one left-padded batch and return the stored tokens' metadata and activations."""
-    length = max(len(c.ids) for c in batch)
-    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    keep = torch.zeros((len(batch), length), dtype=torch.bool)
-    attn = torch.zeros((len(batch), length), dtype=torch.long)
-    for row, c in enumerate(batch):
-        ids[row, length - len(c.ids):] = torch.tensor(c.ids)
-        keep[row, length - len(c.ids):] = torch.from_numpy(c.keep)
-        attn[row, length - len(c.ids):] = 1
+    ids, attn, keep = pad_contexts(batch, pad_id)
+    length = ids.shape[1]
     acts = run_capture(model, store, ids.to(device), attn.to(device))
     keep_dev = keep.to(device)
     rows, cols = keep.nonzero(as_tuple=True)
