@@ -14,7 +14,7 @@ Rows of the step table (same data, same initial weights, same number of steps ea
 Timings are medians over interleaved rounds (the machine may be shared and noisy); FVU is
 measured on a held-out batch after the run. With --cache, the SAE sizes use the cache's real
 activations (the site whose width is d) and the end-to-end table trains through Lightning from
-the cache (SAEDataModule → SAETrainingModule, metrics and logging on, validation off).
+the cache (ActivationDataModule → SAETrainingModule, metrics and logging on, validation off).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def bench_lightning(args, site: str, n_latents: int) -> float:
 
     from sae_train.cache.reader import ActivationCache
     from sae_train.training import SAETrainingModule
-    from sae_train.training.data import SAEDataModule
+    from sae_train.cache.datamodule import ActivationDataModule
 
     width = ActivationCache(args.cache).width(site)
     warm, measured = 3, args.e2e_steps
@@ -169,7 +169,7 @@ def bench_lightning(args, site: str, n_latents: int) -> float:
     clock = Clock()
     module = SAETrainingModule({"kind": "topk", "n_latents": n_latents, "k": args.k},
                                {site: width}, stats_tokens=16384)
-    datamodule = SAEDataModule(args.cache, [site], args.batch, val_splits=None)
+    datamodule = ActivationDataModule(args.cache, [site], args.batch, val_splits=None)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(accelerator="cpu", max_steps=warm + measured, max_epochs=-1,
                             precision="bf16-mixed" if args.precision == "bf16" else "32-true",

@@ -107,7 +107,27 @@ def test_state_dict_resumes_mid_epoch(small_cache):
     got = head + tail
     assert len(got) == len(expected)
     assert all(torch.equal(x, y) for x, y in zip(got, expected))
-    assert resumed.epoch == 1  # the next iteration is a fresh, differently shuffled epoch
+    # Lightning never asks past the last batch; the next iteration still starts a new epoch.
+    assert resumed.state_dict() == {"epoch": 0, "batches_done": len(expected)}
+    next_epoch = [b["index"] for b in resumed]
+    assert resumed.epoch == 1 and len(next_epoch) == len(expected)
+    assert not all(torch.equal(x, y) for x, y in zip(next_epoch, expected))
+
+
+def test_lightning_style_iteration_sees_every_epoch_and_full_validation(small_cache):
+    """Stop after len() batches, as Lightning does, and iterate again: no empty epochs."""
+    cache = ActivationCache(small_cache)
+    idx = cache.select(splits=["tuning"])
+    train = CachedActivationBatches(cache, ["layers.2.mlp"], idx, 64, seed=1)
+    val = CachedActivationBatches(cache, ["layers.2.mlp"], idx, 64, shuffle=False,
+                                  resumable=False)
+    for epoch in range(3):
+        it = iter(train)
+        got = [next(it) for _ in range(len(train))]
+        assert len(got) == len(train) > 0 and train.epoch == epoch
+        part = [b for _, b in zip(range(2), val)]  # a limited validation pass
+        assert len(part) == 2
+        assert sum(len(b["index"]) for b in val) == len(idx)  # the next one is whole again
 
 
 def test_reader_errors_name_the_problem(small_cache, tmp_path):

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from sae_train.cache.reader import ActivationCache
 from sae_train.saes import load_sae
 from sae_train.training import ExportSAEs, SAETrainingModule
-from sae_train.training.data import SAEDataModule
+from sae_train.cache.datamodule import ActivationDataModule
 from test_sae_support import csv_metrics, fvu, last_value, one_torch_thread, site_rows, tiny_cache  # noqa: F401
 
 SITE = "layers.1.resid"
@@ -43,7 +43,7 @@ def test_ddp_two_cpu_ranks(tiny_cache, tmp_path):
     module = SAETrainingModule({"kind": "topk", "n_latents": 128, "k": 8}, {SITE: 64},
                                optim={"warmup_steps": 2}, metrics={"every_n_steps": 4},
                                stats_tokens=2048)
-    datamodule = SAEDataModule(str(tiny_cache), [SITE], batch, val_splits=["evaluation"],
+    datamodule = ActivationDataModule(str(tiny_cache), [SITE], batch, val_splits=["evaluation"],
                                prefetch=0)
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=steps, max_epochs=-1,

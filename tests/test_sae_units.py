@@ -242,11 +242,7 @@ def test_jumprelu_thresholds_get_gradient_and_move():
     moved = (trained.threshold.detach() - start).abs()
     assert moved.mean() > 0.01  # Adam moves θ by at most ~lr·steps = 0.18
     assert trained(x).active(96).sum(1).float().mean().item() < 0.8 * l0_start
-    assert dtype_is_float32(trained.threshold)
-
-
-def dtype_is_float32(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32
+    assert trained.threshold.dtype == torch.float32
 
 
 def test_relu_l1_is_decoder_norm_weighted():

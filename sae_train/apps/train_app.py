@@ -31,7 +31,7 @@ from sae_train.cache.manifest import CacheError
 from sae_train.cache.reader import ActivationCache
 from sae_train.models.sites import expand_site_patterns
 from sae_train.training.config import register_train_configs
-from sae_train.training.data import SAEDataModule
+from sae_train.cache.datamodule import ActivationDataModule
 from sae_train.training.export import ExportSAEs
 from sae_train.training.module import SAETrainingModule
 from sae_train.training.spliced_eval import SplicedEvalCallback
@@ -98,7 +98,7 @@ def build_training(cfg: DictConfig):
         metrics=OmegaConf.to_container(cfg.metrics, resolve=True),
         stats_tokens=cfg.loader.stats_tokens, seed=cfg.seed)
     loader = cfg.loader
-    datamodule = SAEDataModule(
+    datamodule = ActivationDataModule(
         cfg.cache_dir, sites, loader.batch_size,
         train_splits=_list(loader.train_splits), val_splits=_list(loader.val_splits) or None,
         languages=_list(loader.languages), seed=cfg.seed, shuffle=loader.shuffle,

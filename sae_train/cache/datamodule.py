@@ -50,14 +50,16 @@ def batch_count(n_tokens: int, world_size: int, batch_size: int, drop_last: bool
 class CachedActivationBatches(IterableDataset):
     """Yields dicts ``{site: (batch, width) tensor, "index": (batch,) global token ids}``.
 
-    Each iteration is one epoch; the epoch counter advances on every ``__iter__`` and is part
-    of ``state_dict`` so a resumed run continues with the same order.
+    Each iteration is one epoch. ``(epoch, batches_done)`` is the ``state_dict``: a resumed
+    run continues mid-epoch with the same order, and an iteration that starts after a finished
+    epoch begins the next one. With ``resumable=False`` every iteration is the whole epoch 0
+    order (validation).
     """
 
     def __init__(self, cache: ActivationCache, sites: list[str], indices: np.ndarray,
                  batch_size: int, *, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
                  rank: int = 0, world_size: int = 1, block_tokens: int = 1024,
-                 window_tokens: int = 262144, prefetch: int = 4):
+                 window_tokens: int = 262144, prefetch: int = 4, resumable: bool = True):
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         if len(indices) == 0:
@@ -68,6 +70,7 @@ class CachedActivationBatches(IterableDataset):
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.rank, self.world_size = rank, world_size
         self.block_tokens, self.window_tokens, self.prefetch = block_tokens, window_tokens, prefetch
+        self.resumable = resumable
         self.epoch = 0
         self.batches_done = 0  # within the current epoch, for exact resume
 
@@ -92,17 +95,20 @@ class CachedActivationBatches(IterableDataset):
         return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # Roll over at the *start* of an iteration: Lightning knows len() and never asks the
+        # generator for the item after the last batch, so code after the loop would not run.
+        if not self.resumable:
+            self.batches_done = 0  # e.g. validation: always the whole set
+        elif self.batches_done >= len(self):
+            self.epoch += 1
+            self.batches_done = 0
         batches = self.epoch_batches(self.epoch)[self.batches_done:]
-        epoch = self.epoch
         if self.prefetch <= 0:
             for idx in batches:
                 self.batches_done += 1
                 yield self._load(idx)
         else:
             yield from self._prefetched(batches)
-        if self.epoch == epoch:
-            self.epoch += 1
-            self.batches_done = 0
 
     def _prefetched(self, batches: list[np.ndarray]):
         """Read ahead on a background thread (numpy copies release the GIL)."""
@@ -187,7 +193,8 @@ class ActivationDataModule(L.LightningDataModule):
             train_idx = np.setdiff1d(train_idx, val_idx, assume_unique=True)
             self.val_data = CachedActivationBatches(
                 self.cache, self.sites, val_idx, self.batch_size, seed=self.seed, shuffle=False,
-                drop_last=False, rank=rank, world_size=world, prefetch=self.prefetch)
+                drop_last=False, rank=rank, world_size=world, prefetch=self.prefetch,
+                resumable=False)
         if self.train_data is None:
             self.train_data = CachedActivationBatches(
                 self.cache, self.sites, train_idx, self.batch_size, seed=self.seed,

@@ -11,7 +11,7 @@ are guarded against here:
   and θ gets no gradient. Inputs are normalised (E‖x‖ = √d, pre-activations are O(1)), the
   default bandwidth is sized for that, and θ starts at a per-latent quantile of the data's
   pre-activations (``init_density``), so each latent starts where its tokens are.
-θ is always float32 (bf16 would round small Adam steps away).
+θ is created in float32 (bf16 would round small Adam steps away; bf16-mixed keeps it so).
 """
 
 from __future__ import annotations
