@@ -32,12 +32,7 @@ PROMPTS = ["Hi.", "Name a fruit.", "Describe a quiet morning in a small town by 
 ALPHAS = (0.25, 0.5, 1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

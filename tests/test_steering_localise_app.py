@@ -39,12 +39,7 @@ DIRECTION_KEYS = {"feature_ids", "feature_scores", "decoder", "encoder", "mean_d
                   "english_neurons", "neuron_mu_target", "neuron_mu_english", "typical_norm"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _run(module: str, args: list[str], env: dict, timeout: int = 240):

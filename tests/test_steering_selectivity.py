@@ -14,12 +14,7 @@ from steering.selectivity import (document_codes, feature_selectivity, paired_co
                                   paired_documents, selectivity_from_cache)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_selectivity_formula_on_a_hand_case():

@@ -18,12 +18,7 @@ N_PAIRS, WIDTH = 200, 120
 SUPPORT = torch.arange(20, 32)  # |N| = 12 of 120 columns
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def planted_codes(kind: str, seed: int = 0):

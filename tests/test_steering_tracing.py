@@ -21,12 +21,7 @@ DECOY_ORTHOGONAL = 5  # large target/English difference, writes orthogonally to 
 DECOY_ALIGNED = 6  # strongly aligned with e*, but no language difference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

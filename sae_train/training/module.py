@@ -247,18 +247,23 @@ class SAETrainingModule(L.LightningModule):
             f"{bad_terms or 'loss is ' + str(float(total))}. Training stopped without saving; "
             f"the last good checkpoint is {checkpoint}. Likely fix: {cause}.")
 
+    def _compute_and_reset(self, stage: str, metrics) -> dict:
+        """``{stage}/{site}/{fvu,explained_variance,l0}`` from the accumulated metrics, which
+        start over afterwards (windowed during training, per epoch in validation)."""
+        values = {}
+        for site in self.sites:
+            m = metrics[site_key(site)]
+            for name, metric in (("fvu", m.fvu), ("explained_variance", m.explained_variance),
+                                 ("l0", m.l0)):
+                values[f"{stage}/{site}/{name}"] = metric.compute()
+                metric.reset()
+        return values
+
     def _log_windowed_metrics(self) -> None:
         step = self.global_step + 1
         if step % self.metrics_config.every_n_steps == 0:
-            values = {}
-            for site in self.sites:
-                m = self.train_metrics[site_key(site)]
-                values[f"train/{site}/fvu"] = m.fvu.compute()
-                values[f"train/{site}/explained_variance"] = m.explained_variance.compute()
-                values[f"train/{site}/l0"] = m.l0.compute()
-                for metric in (m.fvu, m.explained_variance, m.l0):
-                    metric.reset()
-            self.log_dict(values, on_step=True, on_epoch=False)
+            self.log_dict(self._compute_and_reset("train", self.train_metrics), on_step=True,
+                          on_epoch=False)
         density = self.train_metrics[site_key(self.sites[0])].density
         if float(density.n_tokens) * self._world_size() >= self.metrics_config.dead_after_tokens:
             self._log_density("train")
@@ -307,14 +312,7 @@ class SAETrainingModule(L.LightningModule):
                 for metric in m.children():
                     metric.reset()
             return
-        values = {}
-        for site in self.sites:
-            m = self.val_metrics[site_key(site)]
-            values[f"val/{site}/fvu"] = m.fvu.compute()
-            values[f"val/{site}/explained_variance"] = m.explained_variance.compute()
-            values[f"val/{site}/l0"] = m.l0.compute()
-            for metric in (m.fvu, m.explained_variance, m.l0):
-                metric.reset()
+        values = self._compute_and_reset("val", self.val_metrics)
         self.log_dict(values, on_step=False, on_epoch=True)
         self._log_density("val")
         for site in self.sites:
