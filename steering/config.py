@@ -93,6 +93,9 @@ class SelectivityConfig:
     # Pair splits of the cache used for localisation.
     splits: list[str] = field(default_factory=lambda: ["discovery"])
     eps: float = 1e-6
+    # English features N_en of the steer (feature mode): the most English-selective latents
+    # (Sel < 0), at most this many per layer.
+    n_english: int = 16
     # Cache rows read and encoded at a time.
     chunk_tokens: int = 8192
 

@@ -87,6 +87,14 @@ Outputs (``out_dir``)
     ``neuron_mu_target``   float32 (n_neurons,)  mean MLP activation, target sentences
     ``neuron_mu_english``  float32 (n_neurons,)  … English sentences
     ``typical_norm``    float32 (1,)     s_ℓ, the median token norm of the resid site
+    ``english_feature_ids`` int64 (|E|,) most English-selective latents (Sel < 0, at most
+                                         ``selectivity.n_english``), most selective first
+    ``english_encoder`` float32 (|E|, d) their encoder rows
+    ``english_bias``    float32 (|E|,)   their effective encoder bias b_enc − W_enc·b_dec (so
+                                         ``english_encoder @ h + english_bias`` are their
+                                         pre-activations on raw h)
+    ``english_decoder`` float32 (|E|, d) their decoder rows
+    ``support_decoder`` float32 (|S|, d) decoder rows of the support S_ℓ
     ==================  ===============  ====================================================
 
     d = the model width; pushes are relative to ``typical_norm`` (h += α·s_ℓ·d_j). ``basis``
@@ -495,6 +503,8 @@ class LayerResult:
     encoder: Tensor
     causal_gain: float | None
     top_features: list[dict]
+    encoder_bias: Tensor  # (n_latents,) effective bias of the pre-activations on raw h
+    english_ids: Tensor  # most English-selective latents (Sel < 0)
 
 
 def _empty_ranking(warning: str) -> FeatureRanking:
@@ -530,6 +540,8 @@ def analyse_layer(layer: int, sae_path: Path, *, cfg: LocaliseAppConfig, cache, 
     rec.update(n_latents=sae.n_latents, sae_kind=sae.config.kind, sae_sha256=sae_sha)
     decoder = sae.W_dec.detach().float().cpu()
     encoder = sae.encoder_weight.detach().float().cpu()
+    # Pre-activations of the saved (scale-folded) SAE: (h − b_dec)·W_encᵀ + b_enc.
+    encoder_bias = (sae.b_enc.detach().float().cpu() - encoder @ sae.b_dec.detach().float().cpu())
 
     # 3a. selectivity (both variants; one ranks)
     with ledger.step("selectivity", rec):
@@ -693,7 +705,8 @@ def analyse_layer(layer: int, sae_path: Path, *, cfg: LocaliseAppConfig, cache, 
         log.warning(w)
     return LayerResult(layer, site, rec, sel, codes, ranking, scale, mean_direction, trace,
                        (act_t.mean(0), act_en.mean(0)), spec, used, basis, neuron_spec,
-                       decoder, encoder, causal_gain, top_features)
+                       decoder, encoder, causal_gain, top_features, encoder_bias,
+                       sel.english_top(sc.n_english))
 
 
 def _to_cpu(sel: Selectivity) -> Selectivity:
@@ -733,6 +746,11 @@ def write_directions(path: Path, results: dict[int, LayerResult], window: list[i
             p + "neuron_mu_target": r.act_means[0].float(),
             p + "neuron_mu_english": r.act_means[1].float(),
             p + "typical_norm": torch.tensor([r.scale], dtype=torch.float32),
+            p + "english_feature_ids": r.english_ids.long(),
+            p + "english_encoder": r.encoder[r.english_ids].float(),
+            p + "english_bias": r.encoder_bias[r.english_ids].float(),
+            p + "english_decoder": r.decoder[r.english_ids].float(),
+            p + "support_decoder": r.decoder[r.support].float(),
         })
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)

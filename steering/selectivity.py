@@ -82,6 +82,11 @@ class Selectivity:
         order = torch.sort(self.sel, descending=True, stable=True).indices
         return order[:k]
 
+    def english_top(self, k: int) -> Tensor:
+        """Indices of up to ``k`` most English-selective latents (ascending Sel, Sel < 0 only)."""
+        order = torch.sort(self.sel, descending=False, stable=True).indices[:k]
+        return order[self.sel[order] < 0]
+
     def to_dict(self, top: int = 50) -> dict:
         ids = self.top(top)
         return {

@@ -36,7 +36,9 @@ LOCALISE = ["model=tiny_llama", "target=es", "defaultness.n_prompts=12", "lift.n
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DIRECTION_KEYS = {"feature_ids", "feature_scores", "decoder", "encoder", "mean_direction",
                   "mu_target", "mu_english", "support", "basis", "target_neurons",
-                  "english_neurons", "neuron_mu_target", "neuron_mu_english", "typical_norm"}
+                  "english_neurons", "neuron_mu_target", "neuron_mu_english", "typical_norm",
+                  "english_feature_ids", "english_encoder", "english_bias", "english_decoder",
+                  "support_decoder"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -192,6 +194,11 @@ def test_app_writes_every_output_with_sane_numbers(pipeline):
         if k:
             assert tensors[p + "mean_direction"].norm().item() == pytest.approx(1, abs=1e-5)
         assert tensors[p + "target_neurons"].numel() == row["n_target_neurons"]
+        en_ids = tensors[p + "english_feature_ids"]
+        assert 1 <= en_ids.numel() <= 16 and not set(en_ids.tolist()) & set(ids.tolist())
+        assert tensors[p + "english_encoder"].shape == tensors[p + "english_decoder"].shape \
+            == (en_ids.numel(), D_MODEL)
+        assert tensors[p + "support_decoder"].shape == (support.numel(), D_MODEL)
         for t in tensors.values():
             assert torch.isfinite(t.float()).all()
 

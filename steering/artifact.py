@@ -1,0 +1,237 @@
+"""The steering artifact: everything a steered model needs, in one folder that loads anywhere.
+
+A :class:`SteeringArtifact` is one ``steer.safetensors`` (the tensors) plus one ``steer.json``
+(method, target, strengths, position mode, per-layer layout, provenance), written atomically
+into one folder per (model, language, method). It is method-agnostic: Neural FOXP2 in feature,
+neuron or replace mode and every baseline of the evaluation (CAA, LAPE, random support,
+positive-/negative-only) are the same three kinds of per-layer edit, so one runtime
+(:mod:`steering.runtime`) and one harness (:mod:`steering.evaluate`) serve all of them.
+
+Per-layer edit (:class:`LayerEdit`), at γ = 1 (``lam``, ``beta`` are the tuned λ, β)::
+
+    x ← x + γ·λ·a  −  γ·β · c(x) · u,      c(x) = ⟨g(E x + b), m⟩ / ‖m‖²
+
+- ``space="resid"``: x is the decoder layer's output h_ℓ (``layers.ℓ.resid``). ``a`` is a
+  full-width push (FOXP2 feature mode: W_decᵀ·Pμ on the target features; CAA: the residual
+  mean difference). The English term reads the English SAE features N_en: E, b their encoder
+  rows and effective bias (b_enc − W_enc·b_dec, so E x + b are their pre-activations on raw h),
+  g = ReLU, m = μ_en on N_en, u = W_dec[N_en]ᵀ m. It removes the fraction β of the English
+  mean code that the token carries: on English text c ≈ 1, on target text c ≈ 0, which is
+  why it costs little in-language.
+- ``space="neurons"``: x is the MLP neuron activation vector (``layers.ℓ.mlp``: the down
+  projection's input). ``a`` is non-zero on N_t only (stored sparse: ``add_index``,
+  ``add``), E = the selection of N_en, g = identity, u = m on N_en.
+- ``space="replace"``: the paper-literal edit h ← W_dec(z + δz) + b_dec with z = SAE(h) (it
+  injects the SAE's reconstruction error; offered for comparison only). δz = λ·Pμ on the
+  target features, −β·c·m on N_en, the SAE read from ``sae_path``.
+
+Norm-awareness: every push is a *measured* difference (codes, neurons or residuals of the
+target minus English discovery sentences), so it is in the layer's own units whatever the
+residual norm there (≈130 at layer 0, ≈30,000 at layer 17 of Gemma-3-270m). Residual pushes
+persist down the stream, so a window of W residual edits would add W copies of the shift;
+builders divide each resid layer's push by W (``window_split`` in the provenance). Neuron
+pushes write through W_down into the stream once per layer, so they are not split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+FORMAT = "foxp2-steer"
+FORMAT_VERSION = 1
+TENSORS_NAME = "steer.safetensors"
+META_NAME = "steer.json"
+SPACES = ("resid", "neurons", "replace")
+POSITION_MODES = ("prompt_end", "all")
+_TENSOR_FIELDS = ("add", "add_index", "remove_index", "remove_encoder", "remove_bias",
+                  "remove_mean", "remove_decoder")
+
+
+class ArtifactError(ValueError):
+    """A steering artifact that cannot be used (names what is wrong)."""
+
+
+@dataclass
+class LayerEdit:
+    """The edit at one layer (formula in the module docstring)."""
+
+    layer: int
+    space: str
+    add: Optional[Tensor] = None  # resid/replace: (width,); neurons: (|N_t|,) values
+    add_index: Optional[Tensor] = None  # neurons: (|N_t|,) int64; replace: target latents
+    remove_index: Optional[Tensor] = None  # neurons: N_en; replace: English latents
+    remove_encoder: Optional[Tensor] = None  # resid: (|N_en|, d)
+    remove_bias: Optional[Tensor] = None  # resid: (|N_en|,)
+    remove_mean: Optional[Tensor] = None  # m: (|N_en|,)
+    remove_decoder: Optional[Tensor] = None  # resid: (|N_en|, d)
+    sae_path: Optional[str] = None  # replace only
+
+    def __post_init__(self):
+        if self.space not in SPACES:
+            raise ArtifactError(f"layer {self.layer}: space={self.space!r}; use one of {SPACES}")
+        if self.space == "neurons" and self.add is not None and self.add_index is None:
+            raise ArtifactError(f"layer {self.layer}: a neuron push needs add_index")
+        if self.remove_mean is not None:
+            if self.space == "resid" and (self.remove_encoder is None
+                                          or self.remove_decoder is None):
+                raise ArtifactError(f"layer {self.layer}: the English term in resid space needs "
+                                    "remove_encoder and remove_decoder")
+            if self.space in ("neurons", "replace") and self.remove_index is None:
+                raise ArtifactError(f"layer {self.layer}: the English term needs remove_index")
+        if self.space == "replace" and not self.sae_path:
+            raise ArtifactError(f"layer {self.layer}: replace mode needs the SAE's sae_path")
+
+    @property
+    def site(self) -> str:
+        return f"layers.{self.layer}.{'mlp' if self.space == 'neurons' else 'resid'}"
+
+    @property
+    def has_push(self) -> bool:
+        return self.add is not None and self.add.numel() > 0
+
+    @property
+    def has_removal(self) -> bool:
+        return self.remove_mean is not None and self.remove_mean.numel() > 0 \
+            and float(self.remove_mean.norm()) > 0
+
+    def sizes(self) -> dict:
+        n_t = 0 if self.add is None else (int(self.add_index.numel()) if self.add_index
+                                          is not None else int((self.add != 0).sum()))
+        n_en = 0 if self.remove_mean is None else int(self.remove_mean.numel())
+        push = 0.0 if self.add is None or self.space == "neurons" else float(self.add.norm())
+        return {"layer": self.layer, "space": self.space, "n_push": n_t, "n_remove": n_en,
+                "push_norm": push}
+
+
+@dataclass
+class SteeringArtifact:
+    """A steer for one model and target language (see the module docstring)."""
+
+    method: str
+    target: str
+    edits: list[LayerEdit]
+    lam: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    english: str = "en"
+    position: str = "prompt_end"
+    # Decode steps steered after the prompt end (position="prompt_end").
+    decode_steps: int = 4
+    # Text prepended to every prompt (the prompting baseline); "" for activation steers.
+    prompt_prefix: str = ""
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.position not in POSITION_MODES:
+            raise ArtifactError(f"position={self.position!r}; use one of {POSITION_MODES}")
+        if self.decode_steps < 0:
+            raise ArtifactError(f"decode_steps={self.decode_steps}: must be ≥ 0")
+        layers = [e.layer for e in self.edits]
+        if len(set((e.layer, e.space) for e in self.edits)) != len(self.edits):
+            raise ArtifactError(f"two edits for the same layer and space: {layers}")
+
+    @property
+    def window(self) -> list[int]:
+        return sorted({e.layer for e in self.edits})
+
+    def with_strengths(self, lam: float | None = None, beta: float | None = None,
+                       gamma: float | None = None, **changes) -> "SteeringArtifact":
+        """A copy with other strengths (tensors shared, not copied)."""
+        from dataclasses import replace
+
+        return replace(self, lam=self.lam if lam is None else lam,
+                       beta=self.beta if beta is None else beta,
+                       gamma=self.gamma if gamma is None else gamma, **changes)
+
+    def describe(self) -> dict:
+        return {"method": self.method, "target": self.target, "window": self.window,
+                "lam": self.lam, "beta": self.beta, "gamma": self.gamma,
+                "position": self.position, "decode_steps": self.decode_steps,
+                "prompt_prefix": self.prompt_prefix,
+                "edits": [e.sizes() for e in self.edits]}
+
+    # ------------------------------------------------------------------ files
+    def save(self, folder: str | Path) -> Path:
+        """Write ``<folder>/steer.safetensors`` and ``<folder>/steer.json`` (atomically)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Tensor] = {}
+        layout = []
+        for i, e in enumerate(self.edits):
+            entry = {"layer": e.layer, "space": e.space, "sae_path": e.sae_path, "tensors": []}
+            for name in _TENSOR_FIELDS:
+                value = getattr(e, name)
+                if value is not None:
+                    tensors[f"edits.{i}.{name}"] = value.detach().cpu().contiguous()
+                    entry["tensors"].append(name)
+            layout.append(entry)
+        tmp = folder / (TENSORS_NAME + ".tmp")
+        save_file(tensors or {"empty": torch.zeros(0)}, str(tmp), metadata={"format": FORMAT})
+        os.replace(tmp, folder / TENSORS_NAME)
+        digest = hashlib.sha256((folder / TENSORS_NAME).read_bytes()).hexdigest()
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": self.method,
+                "target": self.target, "english": self.english, "lam": self.lam,
+                "beta": self.beta, "gamma": self.gamma, "position": self.position,
+                "decode_steps": self.decode_steps, "prompt_prefix": self.prompt_prefix,
+                "window": self.window, "edits": layout, "tensors_sha256": digest,
+                "provenance": {**self.provenance,
+                               "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
+        tmp = folder / (META_NAME + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=_json_default))
+        os.replace(tmp, folder / META_NAME)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, verify: bool = True) -> "SteeringArtifact":
+        """Read a folder written by :meth:`save` (safetensors only, no pickle)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta_path, tensor_path = folder / META_NAME, folder / TENSORS_NAME
+        for p in (meta_path, tensor_path):
+            if not p.is_file():
+                raise ArtifactError(f"{folder} is not a steering artifact: {p.name} is missing")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ArtifactError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise ArtifactError(f"{meta_path}: format_version {meta['format_version']} is newer "
+                                f"than this foxp2 ({FORMAT_VERSION}); upgrade foxp2")
+        if verify:
+            digest = hashlib.sha256(tensor_path.read_bytes()).hexdigest()
+            if digest != meta.get("tensors_sha256"):
+                raise ArtifactError(f"{tensor_path} does not match the checksum in {meta_path} "
+                                    "(modified or truncated)")
+        tensors = load_file(str(tensor_path))
+        edits = []
+        for i, entry in enumerate(meta["edits"]):
+            kwargs = {name: tensors[f"edits.{i}.{name}"] for name in entry["tensors"]}
+            edits.append(LayerEdit(layer=int(entry["layer"]), space=entry["space"],
+                                   sae_path=entry.get("sae_path"), **kwargs))
+        return cls(method=meta["method"], target=meta["target"], edits=edits,
+                   lam=float(meta["lam"]), beta=float(meta["beta"]),
+                   gamma=float(meta["gamma"]), english=meta.get("english", "en"),
+                   position=meta["position"], decode_steps=int(meta["decode_steps"]),
+                   prompt_prefix=meta.get("prompt_prefix", ""),
+                   provenance=meta.get("provenance", {}))
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

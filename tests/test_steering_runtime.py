@@ -1,0 +1,204 @@
+"""The steering runtime: KV-cache / padding / generate-vs-loop equivalence, hook removal,
+artifact round trip, and each edit space doing what its formula says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sae_train.models.sites import decoder_layers, site_module
+from steering.artifact import ArtifactError, LayerEdit, SteeringArtifact
+from steering.defaultness import left_pad
+from steering.runtime import steer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPTS = ["Hi.", "Describe a quiet morning in a small town by the sea.", "Why do we sleep?"]
+
+
+def _hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _artifact(model, position="prompt_end", decode_steps=2, space="resid") -> SteeringArtifact:
+    g = torch.Generator().manual_seed(0)
+    d = model.config.hidden_size
+    n = model.config.intermediate_size
+    if space == "resid":
+        edits = [LayerEdit(layer=l, space="resid", add=torch.randn(d, generator=g) * 3.0,
+                           remove_encoder=torch.randn(4, d, generator=g),
+                           remove_bias=torch.zeros(4), remove_mean=torch.rand(4, generator=g),
+                           remove_decoder=torch.randn(4, d, generator=g) * 0.1)
+                 for l in (0, 1)]
+    else:
+        edits = [LayerEdit(layer=l, space="neurons", add=torch.randn(5, generator=g) * 3,
+                           add_index=torch.arange(5), remove_index=torch.arange(10, 16),
+                           remove_mean=torch.rand(6, generator=g)) for l in (0, 1)]
+    return SteeringArtifact(method="test", target="es", edits=edits, lam=1.0, beta=0.5,
+                            position=position, decode_steps=decode_steps)
+
+
+def _batch(tokenizer, prompts=PROMPTS):
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return left_pad(ids, pad)
+
+
+def _generate(model, ids, attn, n, use_cache):
+    out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, do_sample=False,
+                         use_cache=use_cache, pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+@torch.no_grad()
+def _loop(model, ids, attn, n):
+    """A plain greedy loop without the KV cache: the whole sequence every step."""
+    for _ in range(n):
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                       use_cache=False).logits[:, -1]
+        nxt = logits.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        attn = torch.cat([attn, torch.ones_like(nxt)], 1)
+    return ids[:, -n:]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("position", ["prompt_end", "all"])
+def test_cache_loop_and_padding_equivalence(load_tiny, arch, position):
+    model, tokenizer, _ = load_tiny(arch)
+    art = _artifact(model, position)
+    ids, attn = _batch(tokenizer)
+    base = _generate(model, ids, attn, 8, True)
+    with steer(model, art) as s:
+        cached = _generate(model, ids, attn, 8, True)
+        uncached = _generate(model, ids, attn, 8, False)
+        looped = _loop(model, ids, attn, 8)
+        single = [_generate(model, *_batch(tokenizer, [p]), 8, True)[0] for p in PROMPTS]
+    assert s.n_edited_calls > 0
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, looped)
+    for row, alone in zip(cached, single):  # left padding does not change a row's output
+        assert torch.equal(row, alone)
+    assert not torch.equal(base, cached), "the steer changed nothing"
+
+
+def test_prompt_end_edits_only_the_window_of_columns(load_tiny):
+    model, tokenizer, _ = load_tiny("llama")
+    art = _artifact(model, "prompt_end", decode_steps=2)
+    ids, attn = _batch(tokenizer)
+    module, _ = site_module(model, "layers.0.resid")
+    seen = []
+    with steer(model, art) as s:
+        handle = module.register_forward_hook(
+            lambda _m, _i, out: seen.append((s.columns.start, s.columns.length)))
+        try:
+            _generate(model, ids, attn, 6, True)
+        finally:
+            handle.remove()
+    edited_calls = s.n_edited_calls // 2  # two edited layers
+    # the prompt forward + decode steps at columns L, L+1 (the tokens after the prompt end)
+    assert seen[0] == (0, ids.shape[1])
+    assert edited_calls == 1 + 2
+
+
+def test_hooks_removed_on_exit_and_on_error(load_tiny):
+    model, tokenizer, _ = load_tiny("llama")
+    before = _hooks(model)
+    ids, attn = _batch(tokenizer)
+    base = model(input_ids=ids, attention_mask=attn).logits
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer(model, _artifact(model, "all")):
+            assert _hooks(model) > before
+            raise RuntimeError("boom")
+    assert _hooks(model) == before
+    assert torch.equal(model(input_ids=ids, attention_mask=attn).logits, base)
+
+
+def test_right_padding_is_refused(load_tiny):
+    model, tokenizer, _ = load_tiny("llama")
+    ids, attn = _batch(tokenizer)
+    ids, attn = ids.flip(1), attn.flip(1)
+    with steer(model, _artifact(model)), pytest.raises(ArtifactError, match="left padding"):
+        model(input_ids=ids, attention_mask=attn)
+
+
+def test_resid_edit_matches_its_formula(load_tiny):
+    """At the steered tokens h' − h = γλ·a − γβ·c(h)·u with c = ⟨relu(Eh+b), m⟩/‖m‖²."""
+    model, tokenizer, _ = load_tiny("llama")
+    art = _artifact(model, "all")
+    e = art.edits[0]
+    ids, attn = _batch(tokenizer)
+    module, _ = site_module(model, "layers.0.resid")
+    got = {}
+    handle = module.register_forward_hook(lambda _m, _i, out: got.setdefault("h", out))
+    try:
+        model(input_ids=ids, attention_mask=attn)
+        h = got.pop("h").detach()
+        with steer(model, art, gamma=2.0) as s:
+            s.columns.length = h.shape[1]  # as if inside the forward
+            h_steered = s.apply(e, h)
+    finally:
+        handle.remove()
+    c = torch.relu(h @ e.remove_encoder.T + e.remove_bias) @ e.remove_mean \
+        / e.remove_mean.pow(2).sum()
+    u = e.remove_mean @ e.remove_decoder
+    expected = h + 2.0 * 1.0 * e.add - 2.0 * 0.5 * c[..., None] * u
+    torch.testing.assert_close(h_steered, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_neuron_edit_matches_its_formula(load_tiny):
+    model, tokenizer, _ = load_tiny("gemma3")
+    art = _artifact(model, "all", space="neurons")
+    e = art.edits[1]
+    a = torch.randn(2, 3, model.config.intermediate_size)
+    with steer(model, art, gamma=1.0) as s:
+        s.columns.length = 3
+        out = s.apply(e, a)
+    m = e.remove_mean
+    c = (a[..., e.remove_index] @ m) / (m @ m)
+    expected = a.clone()
+    expected[..., e.add_index] += e.add
+    expected[..., e.remove_index] -= 0.5 * c[..., None] * m
+    torch.testing.assert_close(out, expected)
+    untouched = torch.ones(a.shape[-1], dtype=torch.bool)
+    untouched[e.add_index] = untouched[e.remove_index] = False
+    assert torch.equal(out[..., untouched], a[..., untouched])
+
+
+def test_artifact_round_trip_and_tamper_check(load_tiny, tmp_path):
+    model, tokenizer, _ = load_tiny("llama")
+    art = _artifact(model, "prompt_end")
+    art.provenance = {"localise": "x"}
+    folder = art.save(tmp_path / "a")
+    loaded = SteeringArtifact.load(folder)
+    assert loaded.describe() == art.describe()
+    for a, b in zip(art.edits, loaded.edits):
+        torch.testing.assert_close(a.add, b.add)
+        torch.testing.assert_close(a.remove_encoder, b.remove_encoder)
+    ids, attn = _batch(tokenizer)
+    with steer(model, art):
+        x = _generate(model, ids, attn, 5, True)
+    with steer(model, str(folder)):
+        y = _generate(model, ids, attn, 5, True)
+    assert torch.equal(x, y)
+    meta = json.loads((folder / "steer.json").read_text())
+    assert meta["provenance"]["localise"] == "x" and meta["window"] == [0, 1]
+    raw = bytearray((folder / "steer.safetensors").read_bytes())
+    raw[-3] ^= 0xFF
+    (folder / "steer.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="checksum"):
+        SteeringArtifact.load(folder)
+    with pytest.raises(ArtifactError, match="missing"):
+        SteeringArtifact.load(tmp_path / "nothing")
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ArtifactError, match="position"):
+        SteeringArtifact(method="m", target="es", edits=[], position="middle")
+    with pytest.raises(ArtifactError, match="space"):
+        LayerEdit(layer=0, space="attention")
+    with pytest.raises(ArtifactError, match="remove_encoder"):
+        LayerEdit(layer=0, space="resid", remove_mean=torch.ones(2))
