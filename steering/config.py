@@ -286,3 +286,104 @@ def register_localise_configs() -> None:
     """Register ``localise_schema`` (and the model group's schema) in the ConfigStore."""
     register_configs()  # model_schema, used by conf/model/*.yaml
     ConfigStore.instance().store(name="localise_schema", node=LocaliseAppConfig)
+
+
+# --------------------------------------------------------------------------- foxp2-steer
+@dataclass
+class SteerTuningConfig:
+    """(λ, β) per method: max mean ΔM on tuning prompts with mean KL_gen ≤ kl_budget on tuning
+    target sentences (steering.evaluate.tune_strengths)."""
+
+    # nats/token, KL(steered ‖ base) averaged over the tokens of held-out target sentences
+    # with the steer placed as in generation.
+    kl_budget: float = 0.1
+    lams: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0])
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    # Tuning-split subsets (null: all of the split).
+    n_prompts: Optional[int] = 24
+    n_sentences: Optional[int] = 24
+
+    def __post_init__(self):
+        _check(self.kl_budget > 0, f"tuning.kl_budget={self.kl_budget}: must be > 0")
+        _check(bool(self.lams) and bool(self.betas), "tuning.lams and tuning.betas: non-empty")
+
+
+@dataclass
+class SteerEvalConfig:
+    """The evaluation split (steering.evaluate)."""
+
+    n_prompts: Optional[int] = None  # null: every evaluation prompt
+    n_sentences: Optional[int] = None  # null: every held-out target sentence
+    max_new_tokens: int = 32
+    steps: int = 3  # T of ΔM
+    batch_size: int = 16
+    n_boot: int = 2000
+
+
+@dataclass
+class FrontierConfig:
+    """γ sweep for the KL–DEFAULT frontier and DEFAULT-vs-γ plots (a subset of the split)."""
+
+    methods: list[str] = field(default_factory=lambda: ["foxp2", "foxp2_neurons", "caa_layer",
+                                                        "caa_window", "lape"])
+    gammas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    n_prompts: int = 24
+    n_sentences: int = 24
+
+
+@dataclass
+class WandbReportConfig:
+    enabled: bool = True
+    mode: str = "offline"
+    project: str = "foxp2"
+
+
+@dataclass
+class SteerAppConfig:
+    """`foxp2-steer`: build, tune and evaluate every method for one target (stage III)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    target: str = "es"
+    english: str = "en"
+    localise_dir: str = "${paths.root}/localise/${model.slug}-${target}"
+    cache_dir: str = "${paths.root}/cache/${model.slug}-embedded"
+    out_dir: str = "${paths.root}/steer/${model.slug}-${target}"
+    # Methods (steering.build.METHODS); "none" is always evaluated (the reference).
+    methods: list[str] = field(default_factory=lambda: [
+        "prompting", "foxp2", "foxp2_neurons", "foxp2_pos", "foxp2_neg", "caa_layer",
+        "caa_window", "lape", "random"])
+    # The method the bars and the CLI's default artifact refer to.
+    primary: str = "foxp2"
+    # Positions: "prompt_end" (+ decode_steps generated tokens) or "all".
+    position: str = "prompt_end"
+    decode_steps: int = 4
+    tuning: SteerTuningConfig = field(default_factory=SteerTuningConfig)
+    evaluation: SteerEvalConfig = field(default_factory=SteerEvalConfig)
+    frontier: FrontierConfig = field(default_factory=FrontierConfig)
+    wandb: WandbReportConfig = field(default_factory=WandbReportConfig)
+    # Reuse finished methods in <out_dir>/work/ whose inputs and settings are unchanged.
+    resume: bool = True
+    seed: int = 0
+    num_threads: Optional[int] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        from steering.build import METHODS
+
+        _check(self.target != self.english,
+               f"target and english are both {self.target!r}: pick a target language")
+        unknown = sorted(set(self.methods) - set(METHODS))
+        _check(not unknown, f"methods: unknown {unknown}; use {list(METHODS)}")
+        _check(self.primary in self.methods,
+               f"primary={self.primary!r} is not among methods={self.methods}")
+        unknown = sorted(set(self.frontier.methods) - set(self.methods))
+        _check(not unknown, f"frontier.methods {unknown} are not among methods={self.methods}")
+        _check(self.position in ("prompt_end", "all"),
+               f"position={self.position!r}: use prompt_end or all")
+        _check(self.decode_steps >= 0, f"decode_steps={self.decode_steps}: must be ≥ 0")
+
+
+def register_steer_configs() -> None:
+    register_configs()
+    ConfigStore.instance().store(name="steer_schema", node=SteerAppConfig)

@@ -1,0 +1,106 @@
+"""`foxp2-generate`: base vs steered continuations, side by side (Hydra app).
+
+    foxp2-generate artifact=foxp2_runs/demo/gemma3_270m/steer-hi/artifacts/foxp2
+    foxp2-generate artifact=... 'prompts=["What is rain?","Name a fruit."]' gamma=1.5
+    foxp2-generate artifact=... prompts_file=my_prompts.txt max_new_tokens=64 model=tiny_llama
+
+Prompts are formatted with ``template`` (a base model's "Question: …\\nAnswer:") and generated
+greedily in batches with left padding; the artifact's tuned strengths are used unless
+``gamma`` is given. Output: one block per prompt on stdout, and (``out_file``) a JSONL file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from sae_train.config import ModelConfig, PathsConfig, register_configs
+from steering.apps import config_dir
+from steering.defaultness import DEFAULT_TEMPLATE
+
+
+@dataclass
+class GenerateAppConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # A steering artifact folder (foxp2-steer writes <out_dir>/artifacts/<method>/).
+    artifact: str = "???"
+    prompts: list[str] = field(default_factory=lambda: [
+        "What is the best way to learn to cook?", "Why is the sky blue?",
+        "Describe your favourite season."])
+    # A text file with one prompt per line (replaces `prompts`).
+    prompts_file: Optional[str] = None
+    template: str = DEFAULT_TEMPLATE
+    gamma: Optional[float] = None
+    position: Optional[str] = None
+    max_new_tokens: int = 48
+    batch_size: int = 8
+    out_file: Optional[str] = None
+
+
+ConfigStore.instance().store(name="generate_schema", node=GenerateAppConfig)
+register_configs()
+
+
+def run_generate(cfg) -> list[dict]:
+    import torch
+
+    from sae_train.models.loading import load_model
+    from steering.artifact import SteeringArtifact
+    from steering.defaultness import left_pad
+    from steering.runtime import prompt_with_prefix, steer
+
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_object(cfg)
+    art = SteeringArtifact.load(cfg.artifact)
+    prompts = cfg.prompts
+    if cfg.prompts_file:
+        prompts = [l.strip() for l in Path(cfg.prompts_file).read_text().splitlines() if l.strip()]
+    if not prompts:
+        raise ValueError("no prompts: give prompts=[...] or prompts_file=<file>")
+    model, tokenizer, info = load_model(cfg.model)
+    device = next(model.parameters()).device
+    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+    @torch.no_grad()
+    def run(texts, steered: bool) -> list[str]:
+        outs = []
+        for s in range(0, len(texts), cfg.batch_size):
+            ids, attn = left_pad([tokenizer(t)["input_ids"] for t in texts[s:s + cfg.batch_size]],
+                                 pad)
+            ctx = steer(model, art, gamma=cfg.gamma, position=cfg.position) if steered \
+                else torch.no_grad()
+            with ctx:
+                gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                     max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                     pad_token_id=pad)
+            outs += tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+        return outs
+
+    base = run([cfg.template.format(prompt=p) for p in prompts], steered=False)
+    steered = run([cfg.template.format(prompt=prompt_with_prefix(art, p)) for p in prompts],
+                  steered=True)
+    rows = []
+    for p, b, s in zip(prompts, base, steered):
+        rows.append({"prompt": p, "base": b, "steered": s})
+        print(f"\n=== {p}\n--- base:\n{b.strip()}\n--- steered ({art.method} → {art.target}, "
+              f"γ={cfg.gamma if cfg.gamma is not None else art.gamma}):\n{s.strip()}")
+    if cfg.out_file:
+        Path(cfg.out_file).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                              for r in rows))
+    return rows
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="generate")
+def main(cfg: DictConfig) -> None:
+    run_generate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""One evaluation harness for every steering method (DESIGN "Evaluation protocol").
+
+For a method (a :class:`~steering.artifact.SteeringArtifact`, or ``None`` for the unsteered
+model) and a target language:
+
+**Generations** on neutral English prompts (greedy, ``max_new_tokens``, batched with left
+padding, the steer active as in use). From the same decode: ΔM over the first T steps
+(:mod:`steering.defaultness`' definition, from the decode's own softmax), the head (first
+``head_tokens`` = 16 new tokens) and the full continuation (up to the first EOS).
+Each continuation is judged by :func:`steering.judge.judge_continuation`:
+
+- **DEFAULT** = ΔM > 0 and the head is identified as the target (ID restricted to
+  {target, English}, confidence ≥ 0.9) and the continuation passes the fluency guards:
+  not looping (distinct-2 ≥ 0.5, no word > 40% of the words, no tandem repeats), for
+  non-Latin targets ≥ 80% of its letters in the target script, and its NLL under the
+  *unsteered* model, over the tokens after the steered ones, at most 1.0 nat/token above that
+  of the unsteered continuation (the head's switch of language is expensive for the base
+  model by definition, so those tokens are left out).
+- full-continuation and first-line language-ID rates (same guards); leakage to confusable
+  languages (Portuguese/Italian/Catalan/Galician for Spanish, Marathi/Nepali/Urdu for Hindi).
+
+**Held-out target sentences** (never seen by localisation or tuning): per-token
+KL(steered ‖ base) of the next-token distributions and the in-language NLL change
+(steered − base, nats/token), each in two position modes — ``gen``: as in generation, each
+sentence's first token standing for the prompt end (it and the next ``decode_steps`` tokens
+are steered); ``all``: every position steered. The bars refer to ``gen``; ``all`` is
+reported next to it.
+
+Every rate and mean comes with a percentile-bootstrap 95% CI over prompts (or sentences).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from steering.artifact import SteeringArtifact
+from steering.defaultness import DEFAULT_TEMPLATE, greedy_language_masses, left_pad
+from steering.judge import (FluencyGuards, bootstrap_ci, identifiers_for, judge_continuation,
+                            summarise)
+from steering.runtime import prompt_with_prefix, steer
+from steering.token_sets import LanguageTokenSets
+
+log = logging.getLogger(__name__)
+
+HEAD_TOKENS = 16
+
+
+@dataclass
+class EvalSettings:
+    steps: int = 3  # T of ΔM
+    max_new_tokens: int = 32
+    head_tokens: int = HEAD_TOKENS
+    batch_size: int = 16
+    template: str = DEFAULT_TEMPLATE
+    n_boot: int = 2000
+    seed: int = 0
+    guards: FluencyGuards = field(default_factory=FluencyGuards)
+
+
+def _pad_id(tokenizer) -> int:
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
+def _context(model, artifact: SteeringArtifact | None, gamma: float | None = None, **kw):
+    if artifact is None or not artifact.edits:
+        return nullcontext()
+    return steer(model, artifact, gamma=gamma, **kw)
+
+
+# --------------------------------------------------------------------------- generation
+@dataclass
+class Generations:
+    prompts: list[str]
+    new_ids: list[list[int]]  # up to the first EOS
+    heads: list[str]
+    fulls: list[str]
+    delta_m: np.ndarray  # (P,)
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], artifact: SteeringArtifact | None,
+             token_sets: LanguageTokenSets, target: str, english: str = "en",
+             settings: EvalSettings = EvalSettings(), gamma: float | None = None,
+             max_new_tokens: int | None = None) -> Generations:
+    """Greedy continuations of ``prompts`` (raw questions, formatted with the template and the
+    method's prompt prefix) with the steer active, and ΔM of each."""
+    started = time.perf_counter()
+    n_new = max(settings.steps, max_new_tokens or settings.max_new_tokens)
+    texts = [settings.template.format(prompt=prompt_with_prefix(artifact, p)) for p in prompts]
+    device = next(model.parameters()).device
+    set_ids = [token_sets.id_tensor(target, device), token_sets.id_tensor(english, device)]
+    encoded = tokenizer(texts)["input_ids"]
+    eos = {i for i in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
+    new_ids, dm = [], []
+    for start in range(0, len(texts), settings.batch_size):
+        ids, attn = left_pad(encoded[start:start + settings.batch_size], _pad_id(tokenizer))
+        with _context(model, artifact, gamma):
+            masses, tokens = greedy_language_masses(model, ids.to(device), attn.to(device),
+                                                    set_ids, n_new)
+        dm.append((masses[0, :, :settings.steps] - masses[1, :, :settings.steps]).mean(-1))
+        for row in tokens.tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+            new_ids.append(row[:cut])
+    heads = [tokenizer.decode(r[:settings.head_tokens], skip_special_tokens=True) for r in new_ids]
+    fulls = [tokenizer.decode(r, skip_special_tokens=True) for r in new_ids]
+    return Generations(list(prompts), new_ids, heads, fulls, torch.cat(dm).numpy(),
+                       time.perf_counter() - started)
+
+
+@torch.no_grad()
+def continuation_nll(model, tokenizer, prompts: Sequence[str], continuations: list[list[int]],
+                     skip: int, template: str = DEFAULT_TEMPLATE, batch_size: int = 16,
+                     artifact: SteeringArtifact | None = None) -> np.ndarray:
+    """Mean NLL (nats/token) under the *unsteered* model of each continuation's tokens after
+    the first ``skip`` (NaN when none are left). The prompt is formatted as the method saw it."""
+    device = next(model.parameters()).device
+    out = np.full(len(prompts), np.nan)
+    rows = []
+    for i, (p, cont) in enumerate(zip(prompts, continuations)):
+        if len(cont) > skip:
+            ids = tokenizer(template.format(prompt=prompt_with_prefix(artifact, p)))["input_ids"]
+            rows.append((i, ids, cont))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        seqs = [ids + cont for _, ids, cont in chunk]
+        ids, attn = left_pad(seqs, _pad_id(tokenizer))
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        logp = model(input_ids=ids.to(device), attention_mask=attn.to(device),
+                     position_ids=pos.to(device), use_cache=False).logits.float().log_softmax(-1)
+        width = ids.shape[1]
+        for b, (i, _p, cont) in enumerate(chunk):
+            n = len(cont)
+            cols = torch.arange(width - n + skip, width, device=device)  # predicted columns
+            nll = -logp[b, cols - 1].gather(-1, ids[b, cols].to(device)[:, None]).squeeze(-1)
+            out[i] = float(nll.mean())
+    return out
+
+
+# --------------------------------------------------------------------------- held-out text
+@dataclass
+class SentenceScores:
+    nll_base: np.ndarray  # (S,) nats/token
+    nll: dict  # mode → (S,) steered nats/token
+    kl: dict  # mode → (S,) mean per-token KL(steered ‖ base)
+
+
+@torch.no_grad()
+def sentence_scores(model, tokenizer, sentences: Sequence[str],
+                    artifact: SteeringArtifact | None, modes: Sequence[str] = ("gen", "all"),
+                    batch_size: int = 16, gamma: float | None = None) -> SentenceScores:
+    """Per-sentence NLL of held-out target text, base and steered, and KL(steered ‖ base)."""
+    device = next(model.parameters()).device
+    encoded = [e for e in tokenizer(list(sentences))["input_ids"]]
+    n = len(encoded)
+    nll_base = np.full(n, np.nan)
+    nll = {m: np.full(n, np.nan) for m in modes}
+    kl = {m: np.full(n, np.nan) for m in modes}
+    for start in range(0, n, batch_size):
+        chunk = encoded[start:start + batch_size]
+        ids, attn = left_pad(chunk, _pad_id(tokenizer))
+        ids, attn = ids.to(device), attn.to(device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        first = (attn.shape[1] - attn.sum(-1)).long()  # column of each row's first token
+
+        def forward():
+            return model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                         use_cache=False).logits.float().log_softmax(-1)[:, :-1]
+
+        target_ids = ids[:, 1:]
+        valid = attn[:, 1:].bool() & attn[:, :-1].bool()
+        base = forward()
+        base_nll = -base.gather(-1, target_ids[..., None]).squeeze(-1)
+
+        def per_row(values):
+            v = (values * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+            return v.cpu().numpy()
+
+        nll_base[start:start + len(chunk)] = per_row(base_nll)
+        for mode in modes:
+            if artifact is None or not artifact.edits:
+                steered = base
+            else:
+                with steer(model, artifact, gamma=gamma,
+                           position="all" if mode == "all" else "prompt_end") as s:
+                    if mode == "gen":
+                        s.pin_prompt_end(first)
+                    steered = forward()
+            s_nll = -steered.gather(-1, target_ids[..., None]).squeeze(-1)
+            nll[mode][start:start + len(chunk)] = per_row(s_nll)
+            kl_tok = (steered.exp() * (steered - base)).sum(-1)
+            kl[mode][start:start + len(chunk)] = per_row(kl_tok)
+    return SentenceScores(nll_base, nll, kl)
+
+
+# --------------------------------------------------------------------------- one method
+def evaluate_method(model, tokenizer, artifact: SteeringArtifact | None, *, target: str,
+                    english: str, prompts: Sequence[str], sentences: Sequence[str],
+                    token_sets: LanguageTokenSets, settings: EvalSettings,
+                    reference: Generations | None = None, reference_nll: np.ndarray | None = None,
+                    identifiers=None, gamma: float | None = None) -> tuple[dict, Generations]:
+    """Every metric of one method (module docstring). ``reference``: the unsteered
+    generations (their continuation NLL is the fluency guard's baseline)."""
+    started = time.perf_counter()
+    ids = identifiers or identifiers_for(target, english)
+    gens = generate(model, tokenizer, prompts, artifact, token_sets, target, english, settings,
+                    gamma=gamma)
+    skip = 1 + (artifact.decode_steps if artifact is not None else 0)
+    nll_cont = continuation_nll(model, tokenizer, prompts, gens.new_ids, skip,
+                                settings.template, settings.batch_size, artifact)
+    if reference_nll is None:
+        reference_nll = nll_cont
+    judgements = [judge_continuation(h, f, target, ids, settings.guards,
+                                     nll_steered=None if math.isnan(a) else float(a),
+                                     nll_base=None if math.isnan(b) else float(b))
+                  for h, f, a, b in zip(gens.heads, gens.fulls, nll_cont, reference_nll)]
+    default = np.array([float(dm > 0 and j.is_target_head and j.fluent)
+                        for dm, j in zip(gens.delta_m, judgements)])
+    scores = sentence_scores(model, tokenizer, sentences, artifact,
+                             batch_size=settings.batch_size, gamma=gamma)
+    ci = lambda v: bootstrap_ci(v, n_boot=settings.n_boot, seed=settings.seed)  # noqa: E731
+    text = summarise(judgements, n_boot=settings.n_boot, seed=settings.seed)
+    metrics = {
+        "default": ci(default),
+        "delta_m": ci(gens.delta_m),
+        "delta_m_gain": ci(gens.delta_m - reference.delta_m) if reference is not None
+        else ci(np.zeros_like(gens.delta_m)),
+        "lid_head": text["is_target_head"], "lid_full": text["is_target_full"],
+        "lid_first_line": text["is_target_first_line"], "fluent": text["fluent"],
+        "looping": text["looping"], "leak": text["leak"], "leak_counts": text["leak_counts"],
+        "script_fraction": text["script_fraction"], "distinct2": text["distinct2"],
+        "continuation_nll_increase": ci(nll_cont - reference_nll),
+        "kl_gen": ci(scores.kl["gen"]), "kl_all": ci(scores.kl["all"]),
+        "nll_change_gen": ci(scores.nll["gen"] - scores.nll_base),
+        "nll_change_all": ci(scores.nll["all"] - scores.nll_base),
+        "nll_base": float(np.nanmean(scores.nll_base)),
+        "n_prompts": len(prompts), "n_sentences": len(sentences),
+        "seconds": time.perf_counter() - started,
+        "examples": [{"prompt": p, "head": h, "continuation": f, "default": bool(d)}
+                     for p, h, f, d in list(zip(prompts, gens.heads, gens.fulls, default))[:8]],
+    }
+    return metrics, gens
+
+
+# --------------------------------------------------------------------------- tuning
+@dataclass
+class TuningPoint:
+    lam: float
+    beta: float
+    delta_m: float
+    kl: float
+    within_budget: bool
+
+    def to_dict(self) -> dict:
+        return {"lam": self.lam, "beta": self.beta, "delta_m": self.delta_m, "kl": self.kl,
+                "within_budget": self.within_budget}
+
+
+def strength_grid(tuned: str, lams: Sequence[float], betas: Sequence[float]
+                  ) -> list[tuple[float, float]]:
+    if tuned == "both":
+        return [(l, b) for l in lams for b in betas]
+    if tuned == "lam":
+        return [(l, 0.0) for l in lams]
+    if tuned == "beta":
+        return [(0.0, b) for b in betas if b > 0]
+    return []
+
+
+def tune_strengths(model, tokenizer, artifact: SteeringArtifact, tuned: str, *,
+                   prompts: Sequence[str], sentences: Sequence[str],
+                   token_sets: LanguageTokenSets, kl_budget: float, lams: Sequence[float],
+                   betas: Sequence[float], settings: EvalSettings
+                   ) -> tuple[SteeringArtifact, list[TuningPoint], bool]:
+    """(λ, β) by maximum mean ΔM on tuning prompts subject to mean KL_gen ≤ ``kl_budget`` on
+    tuning target sentences. Returns the tuned artifact, every grid point, and whether any
+    point met the budget (if none did, the smallest-KL point is taken)."""
+    grid = strength_grid(tuned, lams, betas)
+    if not grid:
+        return artifact, [], True
+    points = []
+    for lam, beta in grid:
+        cand = artifact.with_strengths(lam=lam, beta=beta, gamma=1.0)
+        gens = generate(model, tokenizer, prompts, cand, token_sets, artifact.target,
+                        artifact.english, settings, max_new_tokens=settings.steps)
+        kl = sentence_scores(model, tokenizer, sentences, cand, modes=("gen",),
+                             batch_size=settings.batch_size).kl["gen"]
+        kl_mean = float(np.nanmean(kl))
+        points.append(TuningPoint(lam, beta, float(gens.delta_m.mean()), kl_mean,
+                                  kl_mean <= kl_budget))
+        log.info("  tune %s λ=%g β=%g: ΔM %+.4f, KL %.4f", artifact.method, lam, beta,
+                 points[-1].delta_m, kl_mean)
+    ok = [p for p in points if p.within_budget]
+    best = max(ok, key=lambda p: p.delta_m) if ok else min(points, key=lambda p: p.kl)
+    return artifact.with_strengths(lam=best.lam, beta=best.beta, gamma=1.0), points, bool(ok)

@@ -1,0 +1,267 @@
+"""Neural FOXP2 stage III for one target: build → tune → evaluate every method → report.
+
+:func:`run_steer` is what ``foxp2-steer`` (:mod:`steering.apps.steer_app`) runs; settings are
+:class:`steering.config.SteerAppConfig`. Splits (never mixed): the localisation used the
+**discovery** split; (λ, β) are tuned on the **tuning** split (prompts and target sentences);
+every number of the report comes from the **evaluation** split.
+
+Outputs under ``out_dir``::
+
+    artifacts/<method>/{steer.safetensors, steer.json}   tuned, loadable by steer() / foxp2-generate
+    report/report.{json,md}, report/plots/*.png         the table with CIs, frontier, γ plots
+    work/<method>.json                                   finished methods (reused on re-run)
+
+Interrupted runs lose at most the method in progress: each finished method is written to
+``work/`` with a key of its inputs and settings and reused when the key matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sae_train.corpora.embedded import load_embedded_prompts
+from steering.artifact import SteeringArtifact
+from steering.build import TUNED, Localisation, build_method, residual_mean_differences
+from steering.config import SteerAppConfig
+from steering.evaluate import (EvalSettings, evaluate_method, generate, sentence_scores,
+                               tune_strengths)
+from steering.judge import identifiers_for, judge_continuation
+from steering.report import write_report
+from steering.token_sets import LanguageTokenSets
+
+log = logging.getLogger("foxp2-steer")
+
+# The issue's bars on the demo model, for the primary method (gen-position NLL change).
+BARS = {"es": {"default": 0.95, "nll_change_gen": 0.05},
+        "hi": {"default": 0.90, "nll_change_gen": 0.15, "script_fraction": 0.8}}
+
+
+class SteerError(ValueError):
+    """Inputs that cannot give a steer (names what is missing)."""
+
+
+def _subset(items: list, n: int | None, seed: int) -> list:
+    if n is None or n >= len(items):
+        return list(items)
+    idx = np.sort(np.random.default_rng(seed).choice(len(items), n, replace=False))
+    return [items[i] for i in idx]
+
+
+def split_sentences(cache_dir: str | Path, target: str, split: str) -> list[str]:
+    """Target-language texts of one split from the cache's documents.jsonl."""
+    path = Path(cache_dir) / "documents.jsonl"
+    if not path.is_file():
+        raise SteerError(f"{path} is missing: the activation cache holds the corpus splits")
+    out = []
+    with path.open() as f:
+        for line in f:
+            d = json.loads(line)
+            if d.get("language") == target and d.get("split") == split:
+                out.append(d["text"])
+    if not out:
+        raise SteerError(f"no {target} documents of split {split!r} in {path}")
+    return out
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_bars(target: str, metrics: dict, method: str) -> list[dict]:
+    out = []
+    for key, bound in BARS.get(target, {}).items():
+        value = metrics[key]["mean"]
+        met = value >= bound if key in ("default", "script_fraction") else value <= bound
+        rel = "≥" if key in ("default", "script_fraction") else "≤"
+        out.append({"method": method, "metric": key, "value": value, "bound": bound, "met": met,
+                    "text": f"{method}: {key} = {value:.3f} ({rel} {bound})"})
+    return out
+
+
+def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
+    """Run stage III for ``cfg`` (a :class:`SteerAppConfig` or the app's DictConfig)."""
+    from omegaconf import OmegaConf
+    from tqdm.auto import tqdm
+
+    from sae_train.models.loading import load_model
+
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_object(cfg)
+    if not isinstance(cfg, SteerAppConfig):
+        raise TypeError(f"cfg must be a SteerAppConfig; got {type(cfg).__name__}")
+    started = time.perf_counter()
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    loc = Localisation(cfg.localise_dir)
+    if loc.target != cfg.target:
+        raise SteerError(f"{cfg.localise_dir} localised {loc.target!r}, not target={cfg.target!r}")
+    sets = LanguageTokenSets.from_json(Path(cfg.localise_dir) / "localise" / "token_sets.json")
+    model, tokenizer, info = model_bundle if model_bundle is not None else load_model(cfg.model)
+    if tokenizer.padding_side != "left":
+        tokenizer.padding_side = "left"
+
+    ev = cfg.evaluation
+    settings = EvalSettings(steps=ev.steps, max_new_tokens=ev.max_new_tokens,
+                            batch_size=ev.batch_size, n_boot=ev.n_boot, seed=cfg.seed)
+    tune_prompts = _subset([p.text for p in load_embedded_prompts(["tuning"])],
+                           cfg.tuning.n_prompts, cfg.seed)
+    tune_sents = _subset(split_sentences(cfg.cache_dir, cfg.target, "tuning"),
+                         cfg.tuning.n_sentences, cfg.seed)
+    eval_prompts = _subset([p.text for p in load_embedded_prompts(["evaluation"])],
+                           ev.n_prompts, cfg.seed)
+    eval_sents = _subset(split_sentences(cfg.cache_dir, cfg.target, "evaluation"),
+                         ev.n_sentences, cfg.seed)
+    fr = cfg.frontier
+    fr_prompts = _subset(eval_prompts, fr.n_prompts, cfg.seed + 1)
+    fr_sents = _subset(eval_sents, fr.n_sentences, cfg.seed + 1)
+    log.info("steer %s→%s: window %s; tuning %d prompts / %d sentences, evaluation %d / %d",
+             cfg.english, cfg.target, loc.window, len(tune_prompts), len(tune_sents),
+             len(eval_prompts), len(eval_sents))
+    ids = identifiers_for(cfg.target, cfg.english)
+
+    caa_means = None
+    if {"caa_layer", "caa_window"} & set(cfg.methods):
+        layers = sorted(set(loc.window) | {loc.best_causal_layer()})
+        caa_means = residual_mean_differences(cfg.cache_dir, layers, cfg.target, cfg.english)
+
+    base_key = {"model": info.to_dict(), "localise": loc.summary.get("provenance", {})
+                .get("created"), "window": loc.window, "settings": dataclasses.asdict(settings),
+                "tuning": dataclasses.asdict(cfg.tuning), "eval": dataclasses.asdict(ev),
+                "frontier": dataclasses.asdict(fr), "position": cfg.position,
+                "decode_steps": cfg.decode_steps, "seed": cfg.seed}
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+
+    # the reference: the unsteered model
+    ref_metrics, ref_gens = evaluate_method(model, tokenizer, None, target=cfg.target,
+                                            english=cfg.english, prompts=eval_prompts,
+                                            sentences=eval_sents, token_sets=sets,
+                                            settings=settings, identifiers=ids)
+    from steering.evaluate import continuation_nll
+
+    ref_nll = continuation_nll(model, tokenizer, eval_prompts, ref_gens.new_ids,
+                               1 + cfg.decode_steps, settings.template, settings.batch_size)
+    methods: dict[str, dict] = {"none": {"metrics": ref_metrics, "strengths": {}, "tuning": []}}
+    log.info("none: DEFAULT %.2f, ΔM %+.3f", ref_metrics["default"]["mean"],
+             ref_metrics["delta_m"]["mean"])
+
+    for method in tqdm(cfg.methods, desc=f"methods ({cfg.target})", disable=not cfg.progress):
+        key = _key({**base_key, "method": method})
+        done = work / f"{method}.json"
+        art_dir = out / "artifacts" / method
+        if cfg.resume and done.is_file() and (art_dir / "steer.json").is_file():
+            stored = json.loads(done.read_text())
+            if stored.get("key") == key:
+                methods[method] = stored["result"]
+                log.info("%s: reused %s", method, done)
+                continue
+        t0 = time.perf_counter()
+        art = build_method(method, loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
+                           position=cfg.position, decode_steps=cfg.decode_steps,
+                           caa_means=caa_means)
+        art, points, ok = tune_strengths(model, tokenizer, art, TUNED[method],
+                                         prompts=tune_prompts, sentences=tune_sents,
+                                         token_sets=sets, kl_budget=cfg.tuning.kl_budget,
+                                         lams=cfg.tuning.lams, betas=cfg.tuning.betas,
+                                         settings=settings)
+        art.provenance.update({"tuning": {"kl_budget": cfg.tuning.kl_budget,
+                                          "met_budget": ok, "points": [p.to_dict()
+                                                                       for p in points]},
+                               "model": info.to_dict()})
+        art.save(art_dir)
+        metrics, _ = evaluate_method(model, tokenizer, art, target=cfg.target,
+                                     english=cfg.english, prompts=eval_prompts,
+                                     sentences=eval_sents, token_sets=sets, settings=settings,
+                                     reference=ref_gens, reference_nll=ref_nll, identifiers=ids)
+        strengths = {} if TUNED[method] == "none" else {"lam": art.lam, "beta": art.beta}
+        result = {"metrics": metrics, "strengths": strengths,
+                  "tuning": [p.to_dict() for p in points], "tuning_met_budget": ok,
+                  "artifact": str(art_dir), "describe": art.describe(),
+                  "seconds": time.perf_counter() - t0}
+        if method in fr.methods:
+            result["frontier"] = frontier_points(model, tokenizer, art, fr.gammas, fr_prompts,
+                                                 fr_sents, sets, settings, ids)
+        methods[method] = result
+        done.write_text(json.dumps({"key": key, "result": result}, default=str))
+        log.info("%s (λ=%g, β=%g%s): DEFAULT %.2f, ΔM %+.3f, KL_gen %.3f, ΔNLL_gen %+.3f, "
+                 "%.0f s", method, art.lam, art.beta, "" if ok else ", KL budget NOT met",
+                 metrics["default"]["mean"], metrics["delta_m"]["mean"],
+                 metrics["kl_gen"]["mean"], metrics["nll_change_gen"]["mean"],
+                 result["seconds"])
+
+    frontier = {m: r["frontier"] for m, r in methods.items() if r.get("frontier")}
+    if "prompting" in methods:
+        pm = methods["prompting"]["metrics"]
+        frontier["prompting"] = [{"gamma": 1.0, "default": pm["default"]["mean"],
+                                  "kl": pm["kl_gen"]["mean"]}]
+    frontier["none"] = [{"gamma": 0.0, "default": ref_metrics["default"]["mean"], "kl": 0.0}]
+    bars = _check_bars(cfg.target, methods[cfg.primary]["metrics"], cfg.primary) \
+        if cfg.primary in methods else []
+    findings = frontier_findings(methods, cfg.primary)
+    report = {
+        "target": cfg.target, "english": cfg.english, "model": info.name,
+        "window": loc.window, "primary": cfg.primary, "kl_budget": cfg.tuning.kl_budget,
+        "n_prompts": len(eval_prompts), "n_sentences": len(eval_sents),
+        "methods": methods, "frontier": frontier, "bars": bars, "findings": findings,
+        "layer_gains": {l: r.get("causal_gain") for l, r in loc.summary["layers"].items()},
+        "settings": {"position": cfg.position, "decode_steps": cfg.decode_steps,
+                     "tuning": dataclasses.asdict(cfg.tuning), "evaluation": dataclasses.asdict(ev),
+                     "guards": dataclasses.asdict(settings.guards), "seed": cfg.seed,
+                     "localise": str(Path(cfg.localise_dir).resolve())},
+        "runtime_seconds": time.perf_counter() - started,
+    }
+    files = write_report(report, out / "report",
+                         {**dataclasses.asdict(cfg.wandb), "dir": str(out),
+                          "name": f"steer-{cfg.target}"})
+    for b in bars:
+        log.info("bar %s: %s", "MET" if b["met"] else "NOT MET", b["text"])
+    log.info("done in %.0f s → %s", report["runtime_seconds"], files["md"])
+    return {**report, "files": files}
+
+
+def frontier_points(model, tokenizer, art: SteeringArtifact, gammas, prompts, sentences, sets,
+                    settings: EvalSettings, identifiers) -> list[dict]:
+    """DEFAULT (head + guards without the NLL guard) and KL_gen at each γ, on a subset."""
+    pts = []
+    for g in gammas:
+        gens = generate(model, tokenizer, prompts, art, sets, art.target, art.english, settings,
+                        gamma=g, max_new_tokens=settings.head_tokens)
+        js = [judge_continuation(h, f, art.target, identifiers, settings.guards)
+              for h, f in zip(gens.heads, gens.fulls)]
+        default = float(np.mean([dm > 0 and j.is_target_head and j.fluent
+                                 for dm, j in zip(gens.delta_m, js)]))
+        kl = float(np.nanmean(sentence_scores(model, tokenizer, sentences, art, modes=("gen",),
+                                              batch_size=settings.batch_size, gamma=g
+                                              ).kl["gen"]))
+        pts.append({"gamma": g, "default": default, "kl": kl,
+                    "delta_m": float(gens.delta_m.mean())})
+    return pts
+
+
+def frontier_findings(methods: dict, primary: str) -> list[str]:
+    """Is the primary method on or beyond the KL–DEFAULT frontier of CAA and prompting?"""
+    out = []
+    p = methods.get(primary)
+    if p is None:
+        return out
+    pd, pk = p["metrics"]["default"]["mean"], p["metrics"]["kl_gen"]["mean"]
+    for rival in ("prompting", "caa_layer", "caa_window"):
+        r = methods.get(rival)
+        if r is None:
+            continue
+        rd, rk = r["metrics"]["default"]["mean"], r["metrics"]["kl_gen"]["mean"]
+        dominated = rd >= pd and rk <= pk and (rd > pd or rk < pk)
+        out.append(f"{primary} (DEFAULT {pd:.2f}, KL {pk:.3f}) vs {rival} (DEFAULT {rd:.2f}, "
+                   f"KL {rk:.3f}): " + ("DOMINATED by " + rival if dominated
+                                        else "on or beyond its frontier"))
+    return out

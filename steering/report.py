@@ -1,0 +1,177 @@
+"""``report.json`` → ``report.md`` (the table with CIs) and PNG plots, and the wandb log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# (key in the method's metrics, column title, format)
+COLUMNS = (("default", "DEFAULT", "{:.2f}"), ("lid_full", "LID full", "{:.2f}"),
+           ("lid_first_line", "LID 1st line", "{:.2f}"), ("delta_m", "ΔM", "{:+.3f}"),
+           ("kl_gen", "KL gen", "{:.3f}"), ("kl_all", "KL all", "{:.3f}"),
+           ("nll_change_gen", "ΔNLL gen", "{:+.3f}"), ("nll_change_all", "ΔNLL all", "{:+.3f}"),
+           ("leak", "leak", "{:.2f}"), ("looping", "looping", "{:.2f}"),
+           ("script_fraction", "script", "{:.2f}"))
+
+
+def _cell(ci: dict, fmt: str) -> str:
+    value = ci.get("mean") if isinstance(ci, dict) else ci
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    text = fmt.format(value)
+    lo, hi = ci.get("low"), ci.get("high")
+    if lo is not None and hi is not None and not (math.isnan(lo) or math.isnan(hi)):
+        text += f" [{fmt.format(lo)}, {fmt.format(hi)}]"
+    return text
+
+
+def markdown(report: dict) -> str:
+    t = report["target"]
+    lines = [f"# Steering report: English → {t} on {report.get('model', '?')}", "",
+             f"Evaluation split: {report['n_prompts']} neutral English prompts, "
+             f"{report['n_sentences']} held-out {t} sentences; 95% bootstrap CIs in brackets. "
+             f"Tuning: max ΔM with KL_gen ≤ {report['kl_budget']} nats/token on the tuning split. "
+             "`gen` = steered as in generation (prompt end + first decode steps; a sentence's "
+             "first token stands for the prompt end), `all` = every position steered.", "",
+             "| method | λ | β | " + " | ".join(c[1] for c in COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(COLUMNS)]
+    for name, m in report["methods"].items():
+        s = m.get("strengths", {})
+        cells = [_cell(m["metrics"].get(k, {}), fmt) for k, _, fmt in COLUMNS]
+        lines.append(f"| {name} | {s.get('lam', '–')} | {s.get('beta', '–')} | "
+                     + " | ".join(cells) + " |")
+    bars = report.get("bars")
+    if bars:
+        lines += ["", "## Bars", ""]
+        for b in bars:
+            lines.append(f"- {'MET' if b['met'] else 'NOT MET'}: {b['text']}")
+    frontier = report.get("frontier")
+    if frontier:
+        lines += ["", "## KL–DEFAULT frontier (γ sweep on the frontier subset)", "",
+                  "| method | γ | DEFAULT | KL gen |", "|---|---|---|---|"]
+        for name, pts in frontier.items():
+            for p in pts:
+                lines.append(f"| {name} | {p['gamma']} | {p['default']:.2f} | {p['kl']:.3f} |")
+    lines += ["", "## Examples (first prompts)", ""]
+    for name, m in report["methods"].items():
+        ex = m["metrics"].get("examples", [])[:3]
+        if not ex:
+            continue
+        lines.append(f"**{name}**")
+        for e in ex:
+            cont = e["continuation"].replace("\n", " ⏎ ")[:160]
+            lines.append(f"- {e['prompt']} → {cont}")
+        lines.append("")
+    if report.get("findings"):
+        lines += ["## Findings", ""] + [f"- {f}" for f in report["findings"]]
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict, folder: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, str] = {}
+    frontier = report.get("frontier") or {}
+    if frontier:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, pts in frontier.items():
+            ax.plot([p["kl"] for p in pts], [p["default"] for p in pts], "o-", label=name)
+        ax.set_xlabel("KL(steered ‖ base), nats/token (gen positions)")
+        ax.set_ylabel("DEFAULT rate")
+        ax.set_title(f"KL–DEFAULT frontier ({report['target']})")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = folder / "frontier.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        out["frontier"] = str(p)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, pts in frontier.items():
+            ax.plot([p["gamma"] for p in pts], [p["default"] for p in pts], "o-", label=name)
+        ax.set_xlabel("γ (× tuned strengths)")
+        ax.set_ylabel("DEFAULT rate")
+        ax.set_title(f"DEFAULT vs γ ({report['target']})")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = folder / "default_vs_gamma.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        out["default_vs_gamma"] = str(p)
+    gains = report.get("layer_gains") or {}
+    if gains:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        layers = sorted(gains, key=int)
+        window = set(report.get("window", []))
+        ax.bar([int(l) for l in layers], [gains[l] or 0 for l in layers],
+               color=["tab:orange" if int(l) in window else "tab:blue" for l in layers])
+        ax.set_xlabel("layer (orange: window)")
+        ax.set_ylabel("single-layer causal gain (ΔM lift)")
+        ax.set_title(f"Per-layer gains ({report['target']})")
+        fig.tight_layout()
+        p = folder / "layer_gains.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        out["layer_gains"] = str(p)
+    methods = report["methods"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(methods)
+    vals = [methods[n]["metrics"]["default"]["mean"] for n in names]
+    err = [[v - methods[n]["metrics"]["default"]["low"] for n, v in zip(names, vals)],
+           [methods[n]["metrics"]["default"]["high"] - v for n, v in zip(names, vals)]]
+    ax.bar(range(len(names)), vals, yerr=err, capsize=3)
+    ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("DEFAULT (95% CI)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"DEFAULT by method ({report['target']})")
+    fig.tight_layout()
+    p = folder / "default_by_method.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    out["default_by_method"] = str(p)
+    return out
+
+
+def log_to_wandb(report: dict, pngs: dict[str, str], cfg: dict) -> str | None:
+    """Log the table and plots to wandb (mode from cfg, offline by default); returns the dir."""
+    import wandb
+
+    run = wandb.init(project=cfg.get("project", "foxp2"), mode=cfg.get("mode", "offline"),
+                     dir=cfg.get("dir"), name=cfg.get("name"), config=report.get("settings"),
+                     reinit="finish_previous")
+    try:
+        cols = ["method", "lam", "beta"] + [k for k, _, _ in COLUMNS]
+        table = wandb.Table(columns=cols)
+        for name, m in report["methods"].items():
+            s = m.get("strengths", {})
+            table.add_data(name, s.get("lam"), s.get("beta"),
+                           *[m["metrics"].get(k, {}).get("mean") for k, _, _ in COLUMNS])
+        run.log({"report": table, **{f"plots/{k}": wandb.Image(v) for k, v in pngs.items()}})
+        for name, m in report["methods"].items():
+            run.summary[f"{name}/default"] = m["metrics"]["default"]["mean"]
+        return run.dir
+    finally:
+        run.finish()
+
+
+def write_report(report: dict, folder: Path, wandb_cfg: dict | None = None) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    pngs = plots(report, folder / "plots")
+    report = {**report, "files": {"plots": pngs}}
+    (folder / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False,
+                                                   default=str))
+    (folder / "report.md").write_text(markdown(report))
+    files = {"json": str(folder / "report.json"), "md": str(folder / "report.md"), **pngs}
+    if wandb_cfg and wandb_cfg.get("enabled", False):
+        try:
+            files["wandb"] = str(log_to_wandb(report, pngs, wandb_cfg))
+        except Exception as err:  # the report on disk is what counts; say why wandb failed
+            log.warning("wandb logging failed: %s", err)
+    return files
