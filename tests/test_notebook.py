@@ -1,0 +1,77 @@
+"""`notebooks/walkthrough.py` runs as a plain script against a finished tiny demo run
+(`foxp2-demo --config-name demo_tiny`, every stage real), generation included."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _env(foxp2_cache_root: Path) -> dict:
+    return {**os.environ, "FOXP2_CACHE": str(foxp2_cache_root), "OMP_NUM_THREADS": "1",
+            "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_demo_run(tmp_path_factory, foxp2_cache_root, load_tiny, repo_root) -> Path:
+    """A finished `foxp2-demo --config-name demo_tiny` run; returns <root>/demo/tiny_llama."""
+    load_tiny("llama")  # materialise the tiny model once, before the subprocesses share it
+    root = tmp_path_factory.mktemp("demo")
+    cmd = [sys.executable, "-c", "from steering.apps.demo_app import main; main()",
+           "--config-name", "demo_tiny", f"root={root}"]
+    result = subprocess.run(cmd, env=_env(foxp2_cache_root), cwd=repo_root, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    run = root / "demo" / "tiny_llama"
+    assert (run / "demo_summary.json").is_file(), result.stdout[-4000:]
+    return run
+
+
+def test_walkthrough_runs_as_script(tiny_demo_run, foxp2_cache_root, repo_root):
+    env = {**_env(foxp2_cache_root), "FOXP2_DEMO_RUN": str(tiny_demo_run),
+           "FOXP2_NOTEBOOK_GENERATE": "1", "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run([sys.executable, str(repo_root / "notebooks" / "walkthrough.py")],
+                            env=env, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-8000:]
+
+    window = json.loads((tiny_demo_run / "localise-es" / "localise" / "summary.json")
+                        .read_text())["window"]["layers"]
+    assert f"window: layers {window}" in out, out[-8000:]
+    # the localisation table and the steering method table
+    assert "Mass·Stab" in out and "r_eff" in out
+    header = next((l for l in out.splitlines() if l.strip().startswith("method")), "")
+    for column in ("DEFAULT", "ΔNLL gen", "KL gen"):
+        assert column in header, header
+    report = json.loads((tiny_demo_run / "steer-es" / "report" / "report.json").read_text())
+    for method in report["methods"]:
+        assert any(l.strip().startswith(method + " ") for l in out.splitlines()), method
+    # plots listed (no IPython under a plain interpreter), none missing
+    assert "[plot]" in out and "[missing plot]" not in out
+    # base vs steered generations of the primary artifact
+    assert f"##### {report['primary']} → es" in out
+    assert out.count("  steered: ") == 3
+
+
+def test_walkthrough_without_generation(tiny_demo_run, foxp2_cache_root, repo_root):
+    env = {**_env(foxp2_cache_root), "FOXP2_DEMO_RUN": str(tiny_demo_run),
+           "FOXP2_NOTEBOOK_GENERATE": "0", "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run([sys.executable, str(repo_root / "notebooks" / "walkthrough.py")],
+                            env=env, cwd=repo_root, capture_output=True, text=True, timeout=120)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-8000:]
+    assert "skipping generation" in out and "steered: " not in out
+
+
+def test_walkthrough_is_a_jupytext_notebook(repo_root):
+    jupytext = pytest.importorskip("jupytext")
+    nb = jupytext.read(repo_root / "notebooks" / "walkthrough.py")
+    kinds = [c.cell_type for c in nb.cells]
+    assert kinds.count("markdown") >= 5 and kinds.count("code") >= 5
