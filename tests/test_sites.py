@@ -48,3 +48,29 @@ def test_unsupported_architecture_lists_supported():
     model.config = Config()
     with pytest.raises(SiteError, match="'mamba'.*not supported.*gemma3.*gpt2.*llama.*qwen2"):
         resolve_sites(model, "layers.0.resid")
+
+
+def test_loaded_models_feed_the_lm_head_a_contiguous_input(load_tiny):
+    """logits_to_keep=1 slices the hidden states; torch's CPU linear on that strided slice
+    copies the whole head weight per row (30 s per batch on a 262k vocabulary). load_model adds
+    a pre-hook that makes the input contiguous: same logits, the hook is there once."""
+    import torch
+
+    from sae_train.models.loading import contiguous_lm_head
+
+    model, tokenizer, _ = load_tiny("gemma3")
+    head = model.get_output_embeddings()
+    assert getattr(head, "_foxp2_contiguous", False)
+    assert contiguous_lm_head(model) is False  # idempotent
+    seen = []
+    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    try:
+        ids = tokenizer(["a b c", "a much longer prompt here"], return_tensors="pt",
+                        padding=True)
+        with torch.no_grad():
+            last = model(**ids, logits_to_keep=1).logits[:, -1]
+            full = model(**ids).logits[:, -1]
+    finally:
+        handle.remove()
+    assert all(seen)
+    torch.testing.assert_close(last, full)

@@ -209,7 +209,8 @@ class SparseAutoencoder(nn.Module):
         if not self.config.unit_norm_decoder or self.W_dec.grad is None:
             return
         parallel = einops.einsum(self.W_dec.grad, self.W_dec, "latent d, latent d -> latent")
-        self.W_dec.grad -= einops.einsum(parallel, self.W_dec, "latent, latent d -> latent d")
+        # In place (no (n_latents, d) temporary): grad −= parallel · W_dec.
+        self.W_dec.grad.addcmul_(parallel.unsqueeze(1), self.W_dec, value=-1)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

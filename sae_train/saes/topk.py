@@ -61,9 +61,11 @@ class TopKSAE(SparseAutoencoder):
         return dense_topk_encode, dense_decode
 
     def select(self, x_scaled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Scaled input → (values, indices, pre_acts) of the top k latents, scaled units."""
+        """Scaled input → (values, indices, pre_acts) of the top k latents, scaled units.
+
+        ``pre_acts`` are before the relu (AuxK applies it after its own selection)."""
         encode, _ = self._kernels()
-        return encode(x_scaled - self.b_dec, self.encoder_weight, self.b_enc, self.k)
+        return encode(x_scaled, self.encoder_weight, self.b_enc, self.k, center=self.b_dec)
 
     def decode_sparse_scaled(self, values: Tensor, indices: Tensor) -> Tensor:
         _, decode = self._kernels()
