@@ -9,7 +9,7 @@ positive-/negative-only) are the same three kinds of per-layer edit, so one runt
 
 Per-layer edit (:class:`LayerEdit`), at γ = 1 (``lam``, ``beta`` are the tuned λ, β)::
 
-    x ← x + γ·λ·a  −  γ·β · c(x) · u,      c(x) = ⟨g(E x + b), m⟩ / ‖m‖²
+    x ← x + γ·λ·a  −  γ·β · c(x) · u,      c(x) = clamp(⟨g(E x + b), m⟩ / ‖m‖², 0, 1)
 
 - ``space="resid"``: x is the decoder layer's output h_ℓ (``layers.ℓ.resid``). ``a`` is a
   full-width push (FOXP2 feature mode: W_decᵀ·Pμ on the target features; CAA: the residual
@@ -17,13 +17,23 @@ Per-layer edit (:class:`LayerEdit`), at γ = 1 (``lam``, ``beta`` are the tuned 
   rows and effective bias (b_enc − W_enc·b_dec, so E x + b are their pre-activations on raw h),
   g = ReLU, m = μ_en on N_en, u = W_dec[N_en]ᵀ m. It removes the fraction β of the English
   mean code that the token carries: on English text c ≈ 1, on target text c ≈ 0, which is
-  why it costs little in-language.
+  why it costs little in-language. c is clamped to [0, 1] (at most the English mean is
+  removed: outlier tokens such as BOS, whose norm is far beyond any text token's, would
+  otherwise get c ≫ 1 and wreck every later position through attention).
 - ``space="neurons"``: x is the MLP neuron activation vector (``layers.ℓ.mlp``: the down
   projection's input). ``a`` is non-zero on N_t only (stored sparse: ``add_index``,
   ``add``), E = the selection of N_en, g = identity, u = m on N_en.
 - ``space="replace"``: the paper-literal edit h ← W_dec(z + δz) + b_dec with z = SAE(h) (it
   injects the SAE's reconstruction error; offered for comparison only). δz = λ·Pμ on the
   target features, −β·c·m on N_en, the SAE read from ``sae_path``.
+
+**Saturating push** (the default for Neural FOXP2; a departure from the paper's constant
+δz⁺ = λ·Pμ): the push is multiplied by g(x) = clamp(1 − t(x), 0, 1), where t(x) is the token's
+coordinate on the English→target axis of the target units (0 at the English mean, 1 at the
+target mean). A token that already reads as target gets no push, an English one the full push:
+the steer moves English toward the target and stops there instead of pushing target text past
+its own mean, which is what costs KL and NLL on target-language text (measured on the demo:
+docs/results.md). Baselines (CAA) keep their constant push.
 
 Norm-awareness: every push is a *measured* difference (codes, neurons or residuals of the
 target minus English discovery sentences), so it is in the layer's own units whatever the
@@ -53,7 +63,8 @@ META_NAME = "steer.json"
 SPACES = ("resid", "neurons", "replace")
 POSITION_MODES = ("prompt_end", "all")
 _TENSOR_FIELDS = ("add", "add_index", "remove_index", "remove_encoder", "remove_bias",
-                  "remove_mean", "remove_decoder")
+                  "remove_mean", "remove_decoder", "gate_index", "gate_encoder", "gate_bias",
+                  "gate_base", "gate_delta")
 
 
 class ArtifactError(ValueError):
@@ -74,6 +85,14 @@ class LayerEdit:
     remove_mean: Optional[Tensor] = None  # m: (|N_en|,)
     remove_decoder: Optional[Tensor] = None  # resid: (|N_en|, d)
     sae_path: Optional[str] = None  # replace only
+    # Saturating push (optional): the push is scaled by clamp(1 − t(x), 0, 1) with the target
+    # coordinate t(x) = ⟨r(x) − gate_base, gate_delta⟩ / ‖gate_delta‖², r(x) the readout of the
+    # target units (resid: relu(gate_encoder·x + gate_bias); neurons: x[gate_index]).
+    gate_index: Optional[Tensor] = None
+    gate_encoder: Optional[Tensor] = None
+    gate_bias: Optional[Tensor] = None
+    gate_base: Optional[Tensor] = None
+    gate_delta: Optional[Tensor] = None
 
     def __post_init__(self):
         if self.space not in SPACES:
@@ -89,6 +108,11 @@ class LayerEdit:
                 raise ArtifactError(f"layer {self.layer}: the English term needs remove_index")
         if self.space == "replace" and not self.sae_path:
             raise ArtifactError(f"layer {self.layer}: replace mode needs the SAE's sae_path")
+
+    @property
+    def has_gate(self) -> bool:
+        return self.gate_delta is not None and self.gate_delta.numel() > 0 \
+            and float(self.gate_delta.norm()) > 0
 
     @property
     def site(self) -> str:
@@ -173,7 +197,7 @@ class SteeringArtifact:
             for name in _TENSOR_FIELDS:
                 value = getattr(e, name)
                 if value is not None:
-                    tensors[f"edits.{i}.{name}"] = value.detach().cpu().contiguous()
+                    tensors[f"edits.{i}.{name}"] = value.detach().cpu().contiguous().clone()
                     entry["tensors"].append(name)
             layout.append(entry)
         tmp = folder / (TENSORS_NAME + ".tmp")

@@ -88,6 +88,23 @@ class Localisation:
             raise BuildError(f"{self.folder}/directions.safetensors has no {key}")
         return self.tensors[key]
 
+    def encoder_rows(self, layer: int, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoder rows and effective biases of latents ``ids`` (support_* in the directions
+        file; older files: read from the SAE the localisation used)."""
+        if f"layers.{layer}.support_encoder" in self.tensors and \
+                torch.equal(ids, self.t(layer, "support")):
+            return self.t(layer, "support_encoder"), self.t(layer, "support_bias")
+        from sae_train.saes.io import load_sae
+
+        path = self.saes.get(f"layers.{layer}.resid")
+        if path is None or not Path(path).is_dir():
+            raise BuildError(f"no encoder rows for layer {layer}: the directions file lacks "
+                             f"support_encoder and the SAE {path!r} is not there")
+        sae = load_sae(path)
+        w = sae.encoder_weight.detach().float()
+        bias = sae.b_enc.detach().float() - w @ sae.b_dec.detach().float()
+        return w[ids.long()], bias[ids.long()]
+
     def best_causal_layer(self) -> int:
         gains = {int(l): r.get("causal_gain") for l, r in self.summary["layers"].items()}
         gains = {l: g for l, g in gains.items() if g is not None and np.isfinite(g)}
@@ -113,6 +130,15 @@ def feature_push(loc: Localisation, layer: int, split: int) -> Tensor:
     return (projected @ dec) / split
 
 
+def feature_gate(loc: Localisation, layer: int) -> dict:
+    """The target coordinate of the support features (artifact docstring, saturating push)."""
+    support = loc.t(layer, "support")
+    mu_t, mu_en = loc.t(layer, "mu_target")[support], loc.t(layer, "mu_english")[support]
+    encoder, bias = loc.encoder_rows(layer, support)
+    return {"gate_encoder": encoder, "gate_bias": bias, "gate_base": mu_en,
+            "gate_delta": mu_t - mu_en}
+
+
 def feature_english_term(loc: Localisation, layer: int) -> dict:
     ids = loc.t(layer, "english_feature_ids")
     return {"remove_encoder": loc.t(layer, "english_encoder"),
@@ -121,13 +147,15 @@ def feature_english_term(loc: Localisation, layer: int) -> dict:
             "remove_decoder": loc.t(layer, "english_decoder")}
 
 
-def neuron_edit(loc: Localisation, layer: int, target_ids: Tensor, english_ids: Tensor
-                ) -> LayerEdit:
+def neuron_edit(loc: Localisation, layer: int, target_ids: Tensor, english_ids: Tensor,
+                saturating: bool = True) -> LayerEdit:
     mu_t, mu_en = loc.t(layer, "neuron_mu_target"), loc.t(layer, "neuron_mu_english")
     target_ids, english_ids = target_ids.long(), english_ids.long()
-    return LayerEdit(layer=layer, space="neurons", add=(mu_t - mu_en)[target_ids],
-                     add_index=target_ids, remove_index=english_ids,
-                     remove_mean=mu_en[english_ids])
+    delta = (mu_t - mu_en)[target_ids]
+    gate = {"gate_index": target_ids, "gate_base": mu_en[target_ids], "gate_delta": delta} \
+        if saturating else {}
+    return LayerEdit(layer=layer, space="neurons", add=delta, add_index=target_ids,
+                     remove_index=english_ids, remove_mean=mu_en[english_ids], **gate)
 
 
 def residual_mean_differences(cache_dir: str | Path, layers: Sequence[int], target: str,
@@ -150,7 +178,8 @@ def residual_mean_differences(cache_dir: str | Path, layers: Sequence[int], targ
 def build_method(method: str, loc: Localisation, *, cache_dir: str | Path | None = None,
                  window: Sequence[int] | None = None, seed: int = 0,
                  position: str = "prompt_end", decode_steps: int = 4,
-                 caa_means: dict[int, Tensor] | None = None) -> SteeringArtifact:
+                 caa_means: dict[int, Tensor] | None = None,
+                 saturating: bool = True) -> SteeringArtifact:
     """The artifact of ``method`` (see the module docstring) at λ = β = 1."""
     if method not in METHODS:
         raise BuildError(f"unknown method {method!r}; use one of {list(METHODS)}")
@@ -162,7 +191,7 @@ def build_method(method: str, loc: Localisation, *, cache_dir: str | Path | None
     split = len(window)
     edits: list[LayerEdit] = []
     lam, beta, prefix = 1.0, 1.0, ""
-    details: dict = {"window_split": split}
+    details: dict = {"window_split": split, "saturating": saturating}
     if method == "prompting":
         name = LANGUAGE_NAMES.get(loc.target, loc.target)
         prefix = f"Answer in {name}. "
@@ -170,7 +199,8 @@ def build_method(method: str, loc: Localisation, *, cache_dir: str | Path | None
         for layer in window:
             edits.append(LayerEdit(layer=layer, space="resid",
                                    add=feature_push(loc, layer, split),
-                                   **feature_english_term(loc, layer)))
+                                   **feature_english_term(loc, layer),
+                                   **(feature_gate(loc, layer) if saturating else {})))
         lam = 0.0 if method == "foxp2_neg" else 1.0
         beta = 0.0 if method == "foxp2_pos" else 1.0
     elif method == "foxp2_replace":
@@ -189,14 +219,14 @@ def build_method(method: str, loc: Localisation, *, cache_dir: str | Path | None
     elif method == "foxp2_neurons":
         for layer in window:
             edits.append(neuron_edit(loc, layer, loc.t(layer, "target_neurons"),
-                                     loc.t(layer, "english_neurons")))
+                                     loc.t(layer, "english_neurons"), saturating))
     elif method == "lape":
         for layer in window:
             rec = loc.records.get(str(layer), {}).get("lape")
             if rec is None:
                 raise BuildError(f"localise/layers.json has no LAPE sets for layer {layer}")
             edits.append(neuron_edit(loc, layer, torch.tensor(rec["target_neurons"]),
-                                     torch.tensor(rec["english_neurons"])))
+                                     torch.tensor(rec["english_neurons"]), saturating))
     elif method == "random":
         g = torch.Generator().manual_seed(seed)
         for layer in window:
@@ -204,7 +234,8 @@ def build_method(method: str, loc: Localisation, *, cache_dir: str | Path | None
             n_t = loc.t(layer, "target_neurons").numel()
             n_en = loc.t(layer, "english_neurons").numel()
             perm = torch.randperm(n_neurons, generator=g)
-            edits.append(neuron_edit(loc, layer, perm[:n_t], perm[n_t:n_t + n_en]))
+            edits.append(neuron_edit(loc, layer, perm[:n_t], perm[n_t:n_t + n_en],
+                                     saturating))
         details["sizes_from"] = "foxp2_neurons"
     elif method in ("caa_layer", "caa_window"):
         layers = [loc.best_causal_layer()] if method == "caa_layer" else window

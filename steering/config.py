@@ -296,16 +296,26 @@ class SteerTuningConfig:
 
     # nats/token, KL(steered ‖ base) averaged over the tokens of held-out target sentences
     # with the steer placed as in generation.
-    kl_budget: float = 0.1
-    lams: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0])
-    betas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    kl_budget: float = 0.5
+    lams: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    betas: list[float] = field(default_factory=lambda: [0.0, 1.0])
     # Tuning-split subsets (null: all of the split).
-    n_prompts: Optional[int] = 24
-    n_sentences: Optional[int] = 24
+    n_prompts: Optional[int] = 16
+    n_sentences: Optional[int] = 16
+    # The window is tuned too (DESIGN: the tuning split chooses λ, β and the window): the
+    # primary method is tuned at the localised window and at every contiguous window of
+    # `window_width` layers starting at 0, window_stride, 2·window_stride, …; the best one
+    # (max ΔM within the budget) is the window of every windowed method. Null: keep the
+    # localised window.
+    window_width: Optional[int] = 3
+    window_stride: int = 3
 
     def __post_init__(self):
         _check(self.kl_budget > 0, f"tuning.kl_budget={self.kl_budget}: must be > 0")
         _check(bool(self.lams) and bool(self.betas), "tuning.lams and tuning.betas: non-empty")
+        _check(self.window_width is None or self.window_width >= 1,
+               f"tuning.window_width={self.window_width}: ≥ 1 or null")
+        _check(self.window_stride >= 1, f"tuning.window_stride={self.window_stride}: ≥ 1")
 
 
 @dataclass

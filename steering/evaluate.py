@@ -161,6 +161,7 @@ def sentence_scores(model, tokenizer, sentences: Sequence[str],
     """Per-sentence NLL of held-out target text, base and steered, and KL(steered ‖ base)."""
     device = next(model.parameters()).device
     encoded = [e for e in tokenizer(list(sentences))["input_ids"]]
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)) or [-1], device=device)
     n = len(encoded)
     nll_base = np.full(n, np.nan)
     nll = {m: np.full(n, np.nan) for m in modes}
@@ -170,7 +171,11 @@ def sentence_scores(model, tokenizer, sentences: Sequence[str],
         ids, attn = left_pad(chunk, _pad_id(tokenizer))
         ids, attn = ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        first = (attn.shape[1] - attn.sum(-1)).long()  # column of each row's first token
+        # The prompt-end stand-in: each row's first text token (after BOS / other specials,
+        # which are never steered as a prompt end: their norms are far out of distribution).
+        first = (attn.shape[1] - attn.sum(-1)).long()
+        rows = torch.arange(len(chunk), device=device)
+        first = first + torch.isin(ids[rows, first], special).long()
 
         def forward():
             return model(input_ids=ids, attention_mask=attn, position_ids=pos,

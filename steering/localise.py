@@ -95,6 +95,8 @@ Outputs (``out_dir``)
                                          pre-activations on raw h)
     ``english_decoder`` float32 (|E|, d) their decoder rows
     ``support_decoder`` float32 (|S|, d) decoder rows of the support S_ℓ
+    ``support_encoder`` float32 (|S|, d) their encoder rows (the steer's saturation gate)
+    ``support_bias``    float32 (|S|,)   their effective encoder bias
     ==================  ===============  ====================================================
 
     d = the model width; pushes are relative to ``typical_norm`` (h += α·s_ℓ·d_j). ``basis``
@@ -751,6 +753,8 @@ def write_directions(path: Path, results: dict[int, LayerResult], window: list[i
             p + "english_bias": r.encoder_bias[r.english_ids].float(),
             p + "english_decoder": r.decoder[r.english_ids].float(),
             p + "support_decoder": r.decoder[r.support].float(),
+            p + "support_encoder": r.encoder[r.support].float(),
+            p + "support_bias": r.encoder_bias[r.support].float(),
         })
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -155,6 +155,10 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
     log.info("none: DEFAULT %.2f, ΔM %+.3f", ref_metrics["default"]["mean"],
              ref_metrics["delta_m"]["mean"])
 
+    window, window_scan = choose_steer_window(model, tokenizer, loc, cfg, tune_prompts,
+                                              tune_sents, sets, settings, caa_means, work,
+                                              base_key)
+    base_key["steer_window"] = window
     for method in tqdm(cfg.methods, desc=f"methods ({cfg.target})", disable=not cfg.progress):
         key = _key({**base_key, "method": method})
         done = work / f"{method}.json"
@@ -168,7 +172,7 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
         t0 = time.perf_counter()
         art = build_method(method, loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
                            position=cfg.position, decode_steps=cfg.decode_steps,
-                           caa_means=caa_means)
+                           caa_means=caa_means, window=window)
         art, points, ok = tune_strengths(model, tokenizer, art, TUNED[method],
                                          prompts=tune_prompts, sentences=tune_sents,
                                          token_sets=sets, kl_budget=cfg.tuning.kl_budget,
@@ -210,7 +214,8 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
     findings = frontier_findings(methods, cfg.primary)
     report = {
         "target": cfg.target, "english": cfg.english, "model": info.name,
-        "window": loc.window, "primary": cfg.primary, "kl_budget": cfg.tuning.kl_budget,
+        "window": window, "localised_window": loc.window, "window_scan": window_scan,
+        "primary": cfg.primary, "kl_budget": cfg.tuning.kl_budget,
         "n_prompts": len(eval_prompts), "n_sentences": len(eval_sents),
         "methods": methods, "frontier": frontier, "bars": bars, "findings": findings,
         "layer_gains": {l: r.get("causal_gain") for l, r in loc.summary["layers"].items()},
@@ -227,6 +232,57 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
         log.info("bar %s: %s", "MET" if b["met"] else "NOT MET", b["text"])
     log.info("done in %.0f s → %s", report["runtime_seconds"], files["md"])
     return {**report, "files": files}
+
+
+def candidate_windows(loc: Localisation, width: int | None, stride: int) -> list[list[int]]:
+    """The localised window, then contiguous windows of ``width`` analysed layers."""
+    out = [list(loc.window)]
+    if width is None:
+        return out
+    layers = sorted(loc.layers)
+    for start in range(layers[0], layers[-1] - width + 2, stride):
+        w = list(range(start, start + width))
+        if set(w) <= set(layers) and w not in out:
+            out.append(w)
+    return out
+
+
+def choose_steer_window(model, tokenizer, loc: Localisation, cfg: SteerAppConfig, prompts,
+                        sentences, sets, settings: EvalSettings, caa_means, work: Path,
+                        base_key: dict) -> tuple[list[int], list[dict]]:
+    """Tune the primary method at every candidate window; the best (max ΔM within the KL
+    budget, else the smallest KL) is the steering window. Cached in work/window.json."""
+    cands = candidate_windows(loc, cfg.tuning.window_width, cfg.tuning.window_stride)
+    if len(cands) == 1 or TUNED[cfg.primary] == "none":
+        return cands[0], []
+    key = _key({**base_key, "windows": cands, "primary": cfg.primary})
+    done = work / "window.json"
+    if cfg.resume and done.is_file():
+        stored = json.loads(done.read_text())
+        if stored.get("key") == key:
+            log.info("window: reused %s → %s", done, stored["window"])
+            return stored["window"], stored["scan"]
+    scan = []
+    for w in cands:
+        art = build_method(cfg.primary, loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
+                           position=cfg.position, decode_steps=cfg.decode_steps,
+                           caa_means=caa_means, window=w)
+        tuned, points, ok = tune_strengths(model, tokenizer, art, TUNED[cfg.primary],
+                                           prompts=prompts, sentences=sentences,
+                                           token_sets=sets, kl_budget=cfg.tuning.kl_budget,
+                                           lams=cfg.tuning.lams, betas=cfg.tuning.betas,
+                                           settings=settings)
+        best = next(p for p in points if p.lam == tuned.lam and p.beta == tuned.beta)
+        scan.append({"window": w, "lam": tuned.lam, "beta": tuned.beta,
+                     "delta_m": best.delta_m, "kl": best.kl, "within_budget": ok,
+                     "localised": w == list(loc.window)})
+        log.info("window %s: best λ=%g β=%g ΔM %+.4f KL %.4f%s", w, tuned.lam, tuned.beta,
+                 best.delta_m, best.kl, "" if ok else " (budget not met)")
+    ok = [r for r in scan if r["within_budget"]]
+    chosen = max(ok, key=lambda r: r["delta_m"]) if ok else min(scan, key=lambda r: r["kl"])
+    done.write_text(json.dumps({"key": key, "window": chosen["window"], "scan": scan}))
+    log.info("steering window %s (localised: %s)", chosen["window"], loc.window)
+    return chosen["window"], scan
 
 
 def frontier_points(model, tokenizer, art: SteeringArtifact, gammas, prompts, sentences, sets,

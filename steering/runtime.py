@@ -189,26 +189,39 @@ class Steerer:
         else:
             delta = torch.zeros_like(x)
             if edit.has_push and lam != 0:
+                scale = lam * self._gate(edit, x)[..., None] if edit.has_gate else lam
                 if edit.space == "neurons":
                     idx = self._tensor(edit, "add_index", x)
-                    delta[..., idx] += lam * self._tensor(edit, "add", x)
+                    delta[..., idx] += (scale * self._tensor(edit, "add", x).float()).to(x.dtype)
                 else:
-                    delta += lam * self._tensor(edit, "add", x)
+                    delta += (scale * self._tensor(edit, "add", x).float()).to(x.dtype)
             if edit.has_removal and beta != 0:
                 m = self._tensor(edit, "remove_mean", x)
                 m_sq = (m.float() * m.float()).sum().clamp_min(1e-12)
                 if edit.space == "neurons":
                     idx = self._tensor(edit, "remove_index", x)
-                    coef = (x[..., idx].float() @ m.float()) / m_sq
+                    coef = ((x[..., idx].float() @ m.float()) / m_sq).clamp(0, 1)
                     delta[..., idx] -= (beta * coef[..., None] * m.float()).to(x.dtype)
                 else:
                     pre = F.linear(x.float(), self._tensor(edit, "remove_encoder", x).float(),
                                    self._tensor(edit, "remove_bias", x).float())
-                    coef = (F.relu(pre) @ m.float()) / m_sq
+                    coef = ((F.relu(pre) @ m.float()) / m_sq).clamp(0, 1)
                     u = self._tensor(edit, "remove_decoder", x).float()
                     delta -= (beta * coef[..., None] * u).to(x.dtype)
         self.n_edited_calls += 1
         return x + delta * mask[..., None].to(x.dtype)
+
+    def _gate(self, edit: LayerEdit, x: Tensor) -> Tensor:
+        """g(x) = clamp(1 − t(x), 0, 1) per token (t: the target coordinate, artifact doc)."""
+        if edit.gate_encoder is not None:
+            readout = F.relu(F.linear(x.float(), self._tensor(edit, "gate_encoder", x).float(),
+                                      self._tensor(edit, "gate_bias", x).float()))
+        else:
+            readout = x[..., self._tensor(edit, "gate_index", x)].float()
+        delta = self._tensor(edit, "gate_delta", x).float()
+        base = self._tensor(edit, "gate_base", x).float()
+        t = ((readout - base) @ delta) / (delta @ delta).clamp_min(1e-12)
+        return (1 - t).clamp(0, 1)
 
     def _replace_delta(self, edit: LayerEdit, x: Tensor, lam: float, beta: float) -> Tensor:
         """Paper-literal: W_dec(z + δz) + b_dec − x at the steered tokens."""

@@ -38,7 +38,7 @@ DIRECTION_KEYS = {"feature_ids", "feature_scores", "decoder", "encoder", "mean_d
                   "mu_target", "mu_english", "support", "basis", "target_neurons",
                   "english_neurons", "neuron_mu_target", "neuron_mu_english", "typical_norm",
                   "english_feature_ids", "english_encoder", "english_bias", "english_decoder",
-                  "support_decoder"}
+                  "support_decoder", "support_encoder", "support_bias"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -126,7 +126,7 @@ def test_right_padding_is_refused(load_tiny):
 
 
 def test_resid_edit_matches_its_formula(load_tiny):
-    """At the steered tokens h' − h = γλ·a − γβ·c(h)·u with c = ⟨relu(Eh+b), m⟩/‖m‖²."""
+    """At the steered tokens h' − h = γλ·a − γβ·c(h)·u, c = clamp(⟨relu(Eh+b), m⟩/‖m‖², 0, 1)."""
     model, tokenizer, _ = load_tiny("llama")
     art = _artifact(model, "all")
     e = art.edits[0]
@@ -142,8 +142,9 @@ def test_resid_edit_matches_its_formula(load_tiny):
             h_steered = s.apply(e, h)
     finally:
         handle.remove()
-    c = torch.relu(h @ e.remove_encoder.T + e.remove_bias) @ e.remove_mean \
-        / e.remove_mean.pow(2).sum()
+    c = (torch.relu(h @ e.remove_encoder.T + e.remove_bias) @ e.remove_mean
+         / e.remove_mean.pow(2).sum()).clamp(0, 1)
+    assert ((c > 0) & (c < 1)).any()  # the unclamped regime is exercised
     u = e.remove_mean @ e.remove_decoder
     expected = h + 2.0 * 1.0 * e.add - 2.0 * 0.5 * c[..., None] * u
     torch.testing.assert_close(h_steered, expected, rtol=1e-4, atol=1e-4)
@@ -158,7 +159,7 @@ def test_neuron_edit_matches_its_formula(load_tiny):
         s.columns.length = 3
         out = s.apply(e, a)
     m = e.remove_mean
-    c = (a[..., e.remove_index] @ m) / (m @ m)
+    c = ((a[..., e.remove_index] @ m) / (m @ m)).clamp(0, 1)
     expected = a.clone()
     expected[..., e.add_index] += e.add
     expected[..., e.remove_index] -= 0.5 * c[..., None] * m
@@ -202,3 +203,26 @@ def test_bad_settings_are_refused():
         LayerEdit(layer=0, space="attention")
     with pytest.raises(ArtifactError, match="remove_encoder"):
         LayerEdit(layer=0, space="resid", remove_mean=torch.ones(2))
+
+
+def test_saturating_push_stops_at_the_target_mean(load_tiny):
+    """g(x) = clamp(1 − t(x), 0, 1): full push at the English mean, none at the target mean,
+    half-way in between; neurons outside the readout do not matter."""
+    model, _, _ = load_tiny("gemma3")
+    n = model.config.intermediate_size
+    idx = torch.tensor([3, 7, 11])
+    base, delta = torch.tensor([0.5, -0.2, 0.1]), torch.tensor([1.0, 2.0, -1.0])
+    e = LayerEdit(layer=0, space="neurons", add=delta, add_index=idx, gate_index=idx,
+                  gate_base=base, gate_delta=delta)
+    art = SteeringArtifact(method="t", target="es", edits=[e], lam=1.0, beta=0.0,
+                           position="all")
+    x = torch.zeros(1, 3, n)
+    x[0, 0, idx] = base  # English mean: t = 0 → full push
+    x[0, 1, idx] = base + delta  # target mean: t = 1 → no push
+    x[0, 2, idx] = base + 0.5 * delta  # half-way
+    x[0, :, 0] = 100.0  # not a readout unit
+    with steer(model, art) as s:
+        s.columns.length = 3
+        out = s.apply(e, x)
+    pushed = out[0, :, idx] - x[0, :, idx]
+    torch.testing.assert_close(pushed, torch.stack([delta, 0 * delta, 0.5 * delta]))
