@@ -15,8 +15,9 @@ Methods (``METHODS``), all in the localised window W unless stated:
                    traced N_en with m = μ^act_en[N_en]. Not split by |W| (MLP writes are
                    increments of the stream, not its state).
 ``foxp2_replace``  the paper-literal reconstruction-replace with the same δz (SAE error included).
-``foxp2_pos``      ``foxp2`` with β = 0 (tuned over λ only).
-``foxp2_neg``      ``foxp2`` with λ = 0 (tuned over β only).
+``foxp2_pos``      the primary FOXP2 mode (``foxp2`` or ``foxp2_neurons``) with β = 0 (tuned
+                   over λ only).
+``foxp2_neg``      the same with λ = 0 (tuned over β only).
 ``caa_layer``      residual mean difference (target − English sentence means, discovery pairs)
                    added at the single layer with the largest single-layer causal gain.
 ``caa_window``     the same at every window layer, each divided by |W|.
@@ -179,8 +180,12 @@ def build_method(method: str, loc: Localisation, *, cache_dir: str | Path | None
                  window: Sequence[int] | None = None, seed: int = 0,
                  position: str = "prompt_end", decode_steps: int = 4,
                  caa_means: dict[int, Tensor] | None = None,
-                 saturating: bool = True) -> SteeringArtifact:
-    """The artifact of ``method`` (see the module docstring) at λ = β = 1."""
+                 saturating: bool = True, ablation_of: str = "foxp2") -> SteeringArtifact:
+    """The artifact of ``method`` (see the module docstring) at λ = β = 1.
+    ``ablation_of``: which FOXP2 mode ``foxp2_pos`` / ``foxp2_neg`` ablate (``foxp2`` or
+    ``foxp2_neurons``; the evaluation passes its primary method)."""
+    if ablation_of not in ("foxp2", "foxp2_neurons"):
+        raise BuildError(f"ablation_of={ablation_of!r}: use foxp2 or foxp2_neurons")
     if method not in METHODS:
         raise BuildError(f"unknown method {method!r}; use one of {list(METHODS)}")
     window = list(window) if window is not None else list(loc.window)
@@ -195,7 +200,8 @@ def build_method(method: str, loc: Localisation, *, cache_dir: str | Path | None
     if method == "prompting":
         name = LANGUAGE_NAMES.get(loc.target, loc.target)
         prefix = f"Answer in {name}. "
-    elif method in ("foxp2", "foxp2_pos", "foxp2_neg"):
+    elif method == "foxp2" or (method in ("foxp2_pos", "foxp2_neg")
+                               and ablation_of == "foxp2"):
         for layer in window:
             edits.append(LayerEdit(layer=layer, space="resid",
                                    add=feature_push(loc, layer, split),
@@ -203,6 +209,13 @@ def build_method(method: str, loc: Localisation, *, cache_dir: str | Path | None
                                    **(feature_gate(loc, layer) if saturating else {})))
         lam = 0.0 if method == "foxp2_neg" else 1.0
         beta = 0.0 if method == "foxp2_pos" else 1.0
+    elif method in ("foxp2_neurons", "foxp2_pos", "foxp2_neg"):
+        for layer in window:
+            edits.append(neuron_edit(loc, layer, loc.t(layer, "target_neurons"),
+                                     loc.t(layer, "english_neurons"), saturating))
+        lam = 0.0 if method == "foxp2_neg" else 1.0
+        beta = 0.0 if method == "foxp2_pos" else 1.0
+        details["space"] = "neurons"
     elif method == "foxp2_replace":
         site_paths = loc.saes
         for layer in window:
@@ -216,10 +229,6 @@ def build_method(method: str, loc: Localisation, *, cache_dir: str | Path | None
             edits.append(LayerEdit(layer=layer, space="replace", add=delta,
                                    add_index=support.long(), remove_index=ids.long(),
                                    remove_mean=loc.t(layer, "mu_english")[ids], sae_path=path))
-    elif method == "foxp2_neurons":
-        for layer in window:
-            edits.append(neuron_edit(loc, layer, loc.t(layer, "target_neurons"),
-                                     loc.t(layer, "english_neurons"), saturating))
     elif method == "lape":
         for layer in window:
             rec = loc.records.get(str(layer), {}).get("lape")

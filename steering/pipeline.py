@@ -71,6 +71,11 @@ def split_sentences(cache_dir: str | Path, target: str, split: str) -> list[str]
     return out
 
 
+def _ablation_of(cfg: SteerAppConfig) -> str:
+    """foxp2_pos / foxp2_neg ablate the primary FOXP2 mode (feature mode otherwise)."""
+    return cfg.primary if cfg.primary in ("foxp2", "foxp2_neurons") else "foxp2"
+
+
 def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -138,7 +143,7 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
                 .get("created"), "window": loc.window, "settings": dataclasses.asdict(settings),
                 "tuning": dataclasses.asdict(cfg.tuning), "eval": dataclasses.asdict(ev),
                 "frontier": dataclasses.asdict(fr), "position": cfg.position,
-                "decode_steps": cfg.decode_steps, "seed": cfg.seed}
+                "decode_steps": cfg.decode_steps, "seed": cfg.seed, "primary": cfg.primary}
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
 
@@ -172,7 +177,8 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
         t0 = time.perf_counter()
         art = build_method(method, loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
                            position=cfg.position, decode_steps=cfg.decode_steps,
-                           caa_means=caa_means, window=window)
+                           caa_means=caa_means, window=window,
+                           ablation_of=_ablation_of(cfg))
         art, points, ok = tune_strengths(model, tokenizer, art, TUNED[method],
                                          prompts=tune_prompts, sentences=tune_sents,
                                          token_sets=sets, kl_budget=cfg.tuning.kl_budget,
@@ -266,7 +272,8 @@ def choose_steer_window(model, tokenizer, loc: Localisation, cfg: SteerAppConfig
     for w in cands:
         art = build_method(cfg.primary, loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
                            position=cfg.position, decode_steps=cfg.decode_steps,
-                           caa_means=caa_means, window=w)
+                           caa_means=caa_means, window=w,
+                           ablation_of=_ablation_of(cfg))
         tuned, points, ok = tune_strengths(model, tokenizer, art, TUNED[cfg.primary],
                                            prompts=prompts, sentences=sentences,
                                            token_sets=sets, kl_budget=cfg.tuning.kl_budget,

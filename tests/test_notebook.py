@@ -75,3 +75,63 @@ def test_walkthrough_is_a_jupytext_notebook(repo_root):
     nb = jupytext.read(repo_root / "notebooks" / "walkthrough.py")
     kinds = [c.cell_type for c in nb.cells]
     assert kinds.count("markdown") >= 5 and kinds.count("code") >= 5
+
+
+def test_demo_report_fields_plots_and_artifacts(tiny_demo_run, foxp2_cache_root, repo_root):
+    """The one-command pipeline on the tiny model: every report field present, finite and in
+    range; plots are PNGs; artifacts load in a fresh process; a re-run skips every stage."""
+    import math
+
+    from steering.artifact import SteeringArtifact
+    from steering.config import SteerAppConfig
+
+    summary = json.loads((tiny_demo_run / "demo_summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["cache", "train", "localise-es",
+                                                       "steer-es"]
+    report = json.loads((tiny_demo_run / "steer-es" / "report" / "report.json").read_text())
+    expected = {"none", *SteerAppConfig().methods}
+    assert set(report["methods"]) == expected
+    rates = ("default", "lid_head", "lid_full", "lid_first_line", "fluent", "looping", "leak")
+    for name, m in report["methods"].items():
+        metrics = m["metrics"]
+        for key in rates:
+            ci = metrics[key]
+            assert 0 <= ci["low"] <= ci["mean"] <= ci["high"] <= 1, (name, key, ci)
+        assert -1 <= metrics["delta_m"]["mean"] <= 1
+        for key in ("kl_gen", "kl_all"):
+            assert metrics[key]["mean"] >= -1e-6 and math.isfinite(metrics[key]["mean"])
+        for key in ("nll_change_gen", "nll_change_all", "delta_m_gain"):
+            assert math.isfinite(metrics[key]["mean"]), (name, key)
+        assert metrics["n_prompts"] == 12 and metrics["n_sentences"] == 12
+        if name not in ("none", "prompting"):
+            art = SteeringArtifact.load(tiny_demo_run / "steer-es" / "artifacts" / name)
+            assert art.window and all(l in report["window"] or name == "caa_layer"
+                                      for l in art.window)
+            assert art.provenance["tuning"]["points"], name
+    assert report["methods"]["none"]["metrics"]["kl_gen"]["mean"] == pytest.approx(0, abs=1e-9)
+    assert report["window_scan"] and report["window"] in [r["window"] for r in
+                                                          report["window_scan"]]
+    assert {b["metric"] for b in report["bars"]} == {"default", "nll_change_gen"}
+    for name in ("frontier", "default_vs_gamma", "layer_gains", "default_by_method"):
+        png = tiny_demo_run / "steer-es" / "report" / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    md = (tiny_demo_run / "steer-es" / "report" / "report.md").read_text()
+    assert "| foxp2 |" in md and "DEFAULT" in md
+    assert list((tiny_demo_run / "steer-es").glob("wandb/offline-run-*"))
+
+    # foxp2-generate on the artifact, in a fresh process
+    gen = subprocess.run(
+        [sys.executable, "-c", "from steering.apps.generate_app import main; main()",
+         "model=tiny_llama", f"artifact={tiny_demo_run / 'steer-es' / 'artifacts' / 'foxp2'}",
+         "max_new_tokens=6", f"paths.root={tiny_demo_run}", 'prompts=["Hi.","Why?"]'],
+        env=_env(foxp2_cache_root), cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr[-4000:]
+    assert gen.stdout.count("--- steered (foxp2 → es") == 2
+
+    # a second run: every stage's outputs exist → skipped
+    again = subprocess.run(
+        [sys.executable, "-c", "from steering.apps.demo_app import main; main()",
+         "--config-name", "demo_tiny", f"root={tiny_demo_run.parent.parent}"],
+        env=_env(foxp2_cache_root), cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stdout.count("skipped") >= 4

@@ -133,3 +133,23 @@ def test_tuning_picks_a_strength_within_the_budget(planted):
     assert not ok and tuned.lam == min(points, key=lambda p: p.kl).lam
     assert strength_grid("beta", [1.0], [0.0, 2.0]) == [(0.0, 2.0)]
     assert len(strength_grid("both", [1, 2], [0, 1])) == 4
+
+
+def test_candidate_windows_and_bars():
+    from types import SimpleNamespace
+
+    from steering.pipeline import BARS, _check_bars, candidate_windows
+
+    loc = SimpleNamespace(window=[15, 16, 17], layers=list(range(18)))
+    cands = candidate_windows(loc, 3, 3)
+    assert cands[0] == [15, 16, 17]  # the localised window first, not repeated
+    assert cands[1:] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 14]]
+    assert candidate_windows(loc, None, 3) == [[15, 16, 17]]
+    loc = SimpleNamespace(window=[1, 2], layers=[0, 1, 2, 3])
+    assert candidate_windows(loc, 2, 1) == [[1, 2], [0, 1], [2, 3]]
+    ok = {"default": {"mean": 0.96}, "nll_change_gen": {"mean": 0.01}}
+    bars = _check_bars("es", ok, "foxp2")
+    assert [b["met"] for b in bars] == [True, True] and len(bars) == len(BARS["es"])
+    bad = {"default": {"mean": 0.95}, "nll_change_gen": {"mean": 0.2},
+           "script_fraction": {"mean": 0.5}}
+    assert [b["met"] for b in _check_bars("hi", bad, "foxp2")] == [True, False, False]
