@@ -236,7 +236,7 @@ class Steerer:
             z[:, edit.add_index.to(z.device)] += lam * edit.add.to(z.device, z.dtype)
         if edit.has_removal:
             idx, m = edit.remove_index.to(z.device), edit.remove_mean.to(z.device, z.dtype)
-            coef = (z[:, idx] @ m) / (m @ m).clamp_min(1e-12)
+            coef = ((z[:, idx] @ m) / (m @ m).clamp_min(1e-12)).clamp(0, 1)
             z[:, idx] -= beta * coef[:, None] * m
         return (sae.decode(z) - flat).reshape(x.shape).to(x.dtype)
 

@@ -226,3 +226,34 @@ def test_saturating_push_stops_at_the_target_mean(load_tiny):
         out = s.apply(e, x)
     pushed = out[0, :, idx] - x[0, :, idx]
     torch.testing.assert_close(pushed, torch.stack([delta, 0 * delta, 0.5 * delta]))
+
+
+def test_replace_mode_is_the_sae_reconstruction_plus_the_code_edit(load_tiny, tmp_path):
+    """Paper-literal mode: h' = W_dec(z + δz) + b_dec at the steered tokens, z = SAE(h)."""
+    from sae_train.saes import load_sae
+    from sae_train.saes.io import save_sae
+    from sae_train.saes.registry import build_sae
+
+    model, _, _ = load_tiny("llama")
+    d = model.config.hidden_size
+    torch.manual_seed(0)
+    sae = build_sae({"kind": "topk", "n_latents": 128, "k": 8}, d)
+    path = save_sae(sae, tmp_path / "sae")
+    loaded = load_sae(path)
+    push_ids, en_ids = torch.tensor([1, 5]), torch.tensor([7, 9, 11])
+    m = torch.tensor([0.5, 1.0, 2.0])
+    e = LayerEdit(layer=0, space="replace", add=torch.tensor([3.0, -1.0]), add_index=push_ids,
+                  remove_index=en_ids, remove_mean=m, sae_path=str(path))
+    art = SteeringArtifact(method="r", target="es", edits=[e], lam=1.0, beta=0.5,
+                           position="all")
+    h = torch.randn(2, 4, d) * 3
+    with steer(model, art, gamma=1.0) as s:
+        s.columns.length = 4
+        out = s.apply(e, h)
+    with torch.no_grad():
+        z = loaded.encode(h.reshape(-1, d))
+        z[:, push_ids] += torch.tensor([3.0, -1.0])
+        c = ((z[:, en_ids] @ m) / (m @ m)).clamp(0, 1)
+        z[:, en_ids] -= 0.5 * c[:, None] * m
+        expected = loaded.decode(z).reshape(h.shape)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
