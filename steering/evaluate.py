@@ -195,9 +195,11 @@ def sentence_scores(model, tokenizer, sentences: Sequence[str],
             if artifact is None or not artifact.edits:
                 steered = base
             else:
-                with steer(model, artifact, gamma=gamma,
-                           position="all" if mode == "all" else "prompt_end") as s:
-                    if mode == "gen":
+                # gen: the artifact's own position mode (an all-positions steer is measured
+                # at all positions); all: every position whatever the artifact says.
+                position = "all" if mode == "all" else artifact.position
+                with steer(model, artifact, gamma=gamma, position=position) as s:
+                    if position == "prompt_end":
                         s.pin_prompt_end(first)
                     steered = forward()
             s_nll = -steered.gather(-1, target_ids[..., None]).squeeze(-1)

@@ -153,3 +153,15 @@ def test_candidate_windows_and_bars():
     bad = {"default": {"mean": 0.95}, "nll_change_gen": {"mean": 0.2},
            "script_fraction": {"mean": 0.5}}
     assert [b["met"] for b in _check_bars("hi", bad, "foxp2")] == [True, False, False]
+
+
+def test_gen_mode_follows_the_artifacts_position(planted):
+    """An all-positions steer is scored at all positions in `gen` mode too (as generated)."""
+    model, tokenizer, _, direction = planted
+    art = _artifact(direction)
+    everywhere = art.with_strengths(position="all")
+    a = sentence_scores(model, tokenizer, SENTENCES, art, modes=("gen", "all"))
+    b = sentence_scores(model, tokenizer, SENTENCES, everywhere, modes=("gen", "all"))
+    np.testing.assert_allclose(b.kl["gen"], b.kl["all"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a.kl["all"], b.kl["all"], rtol=1e-5, atol=1e-7)
+    assert (a.kl["gen"] <= a.kl["all"] + 1e-6).all()
