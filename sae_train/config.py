@@ -25,8 +25,10 @@ class ModelConfig:
     slug: str = "gemma3-270m"
     # Hub revision (branch, tag or commit); None means the default branch.
     revision: Optional[str] = None
-    # Weights dtype: float32, bfloat16 or float16.
-    dtype: str = "bfloat16"
+    # Weights dtype: float32, bfloat16, float16, or "auto": bfloat16 on a GPU that supports it
+    # and on CPUs with native bf16 (AVX512-BF16 / AMX), float32 elsewhere — on an AVX2-only CPU
+    # bf16 is emulated and measured 5.6x slower than float32 (docs/results.md).
+    dtype: str = "auto"
     # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     device: str = "auto"
     # Executes code from the model repository; off unless you trust it.

@@ -148,8 +148,12 @@ class SteeringArtifact:
     gamma: float = 1.0
     english: str = "en"
     position: str = "prompt_end"
-    # Decode steps steered after the prompt end (position="prompt_end").
+    # Decode steps steered at full strength after the prompt end (position="prompt_end").
     decode_steps: int = 4
+    # Strength on every later generated token, as a fraction of the full strength (0: those
+    # tokens are not edited; 1: the whole answer is steered at full strength). A light
+    # sustained push keeps an answer from drifting back to English once it has switched.
+    sustain: float = 0.0
     # Text prepended to every prompt (the prompting baseline); "" for activation steers.
     prompt_prefix: str = ""
     provenance: dict = field(default_factory=dict)
@@ -159,6 +163,8 @@ class SteeringArtifact:
             raise ArtifactError(f"position={self.position!r}; use one of {POSITION_MODES}")
         if self.decode_steps < 0:
             raise ArtifactError(f"decode_steps={self.decode_steps}: must be ≥ 0")
+        if not 0 <= self.sustain <= 1:
+            raise ArtifactError(f"sustain={self.sustain}: must be in [0, 1]")
         layers = [e.layer for e in self.edits]
         if len(set((e.layer, e.space) for e in self.edits)) != len(self.edits):
             raise ArtifactError(f"two edits for the same layer and space: {layers}")
@@ -180,7 +186,7 @@ class SteeringArtifact:
         return {"method": self.method, "target": self.target, "window": self.window,
                 "lam": self.lam, "beta": self.beta, "gamma": self.gamma,
                 "position": self.position, "decode_steps": self.decode_steps,
-                "prompt_prefix": self.prompt_prefix,
+                "sustain": self.sustain, "prompt_prefix": self.prompt_prefix,
                 "edits": [e.sizes() for e in self.edits]}
 
     # ------------------------------------------------------------------ files
@@ -207,8 +213,8 @@ class SteeringArtifact:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": self.method,
                 "target": self.target, "english": self.english, "lam": self.lam,
                 "beta": self.beta, "gamma": self.gamma, "position": self.position,
-                "decode_steps": self.decode_steps, "prompt_prefix": self.prompt_prefix,
-                "window": self.window, "edits": layout, "tensors_sha256": digest,
+                "decode_steps": self.decode_steps, "sustain": self.sustain,
+                "prompt_prefix": self.prompt_prefix, "window": self.window, "edits": layout, "tensors_sha256": digest,
                 "provenance": {**self.provenance,
                                "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
         tmp = folder / (META_NAME + ".tmp")
@@ -247,7 +253,7 @@ class SteeringArtifact:
                    lam=float(meta["lam"]), beta=float(meta["beta"]),
                    gamma=float(meta["gamma"]), english=meta.get("english", "en"),
                    position=meta["position"], decode_steps=int(meta["decode_steps"]),
-                   prompt_prefix=meta.get("prompt_prefix", ""),
+                   sustain=float(meta.get("sustain", 0.0)), prompt_prefix=meta.get("prompt_prefix", ""),
                    provenance=meta.get("provenance", {}))
 
 

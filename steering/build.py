@@ -178,7 +178,7 @@ def residual_mean_differences(cache_dir: str | Path, layers: Sequence[int], targ
 # --------------------------------------------------------------------------- methods
 def build_method(method: str, loc: Localisation, *, cache_dir: str | Path | None = None,
                  window: Sequence[int] | None = None, seed: int = 0,
-                 position: str = "prompt_end", decode_steps: int = 4,
+                 position: str = "prompt_end", decode_steps: int = 4, sustain: float = 0.0,
                  caa_means: dict[int, Tensor] | None = None,
                  saturating: bool = True, ablation_of: str = "foxp2") -> SteeringArtifact:
     """The artifact of ``method`` (see the module docstring) at λ = β = 1.
@@ -260,7 +260,7 @@ def build_method(method: str, loc: Localisation, *, cache_dir: str | Path | None
         details["layers"] = layers
     return SteeringArtifact(method=method, target=loc.target, english=loc.english,
                             edits=edits, lam=lam, beta=beta, position=position,
-                            decode_steps=decode_steps, prompt_prefix=prefix,
+                            decode_steps=decode_steps, sustain=sustain, prompt_prefix=prefix,
                             provenance={**loc.provenance(), **details})
 
 

@@ -309,6 +309,10 @@ class SteerTuningConfig:
     # localised window.
     window_width: Optional[int] = 3
     window_stride: int = 3
+    # λ grid of that window scan, at β = 0 (null: the full lams × betas grid). Each candidate
+    # window costs one tuning point per λ, so a short grid keeps the scan cheap; the chosen
+    # window is then tuned on the full grid like every method.
+    window_lams: Optional[list[float]] = None
 
     def __post_init__(self):
         _check(self.kl_budget > 0, f"tuning.kl_budget={self.kl_budget}: must be > 0")
@@ -316,6 +320,8 @@ class SteerTuningConfig:
         _check(self.window_width is None or self.window_width >= 1,
                f"tuning.window_width={self.window_width}: ≥ 1 or null")
         _check(self.window_stride >= 1, f"tuning.window_stride={self.window_stride}: ≥ 1")
+        _check(self.window_lams is None or len(self.window_lams) > 0,
+               "tuning.window_lams=[] scans nothing; give λ values or null")
 
 
 @dataclass
@@ -365,9 +371,11 @@ class SteerAppConfig:
         "caa_window", "lape", "random"])
     # The method the bars and the CLI's default artifact refer to.
     primary: str = "foxp2"
-    # Positions: "prompt_end" (+ decode_steps generated tokens) or "all".
+    # Positions: "prompt_end" (the prompt's last token + decode_steps generated tokens at full
+    # strength, every later generated token at the fraction `sustain`) or "all".
     position: str = "prompt_end"
     decode_steps: int = 4
+    sustain: float = 0.0
     tuning: SteerTuningConfig = field(default_factory=SteerTuningConfig)
     evaluation: SteerEvalConfig = field(default_factory=SteerEvalConfig)
     frontier: FrontierConfig = field(default_factory=FrontierConfig)
@@ -392,6 +400,7 @@ class SteerAppConfig:
         _check(self.position in ("prompt_end", "all"),
                f"position={self.position!r}: use prompt_end or all")
         _check(self.decode_steps >= 0, f"decode_steps={self.decode_steps}: must be ≥ 0")
+        _check(0 <= self.sustain <= 1, f"sustain={self.sustain}: must be in [0, 1]")
 
 
 def register_steer_configs() -> None:

@@ -13,9 +13,10 @@ Each continuation is judged by :func:`steering.judge.judge_continuation`:
   {target, English}, confidence ≥ 0.9) and the continuation passes the fluency guards:
   not looping (distinct-2 ≥ 0.5, no word > 40% of the words, no tandem repeats), for
   non-Latin targets ≥ 80% of its letters in the target script, and its NLL under the
-  *unsteered* model, over the tokens after the steered ones, at most 1.0 nat/token above that
-  of the unsteered continuation (the head's switch of language is expensive for the base
-  model by definition, so those tokens are left out).
+  *unsteered* model, over the tokens after the first steered ones (the prompt-end token and
+  up to ``NLL_GUARD_MAX_SKIP`` = 4 decode steps), at most 1.0 nat/token above that of the
+  unsteered continuation (the head's switch of language is expensive for the base model by
+  definition, so those tokens are left out).
 - full-continuation and first-line language-ID rates (same guards); leakage to confusable
   languages (Portuguese/Italian/Catalan/Galician for Spanish, Marathi/Nepali/Urdu for Hindi).
 
@@ -52,6 +53,15 @@ from steering.token_sets import LanguageTokenSets
 log = logging.getLogger(__name__)
 
 HEAD_TOKENS = 16
+# The NLL guard leaves out the prompt-end token and at most this many steered decode tokens:
+# the switch of language there is expensive for the base model by definition. A steer that
+# stays on for every decode step would otherwise leave nothing to judge.
+NLL_GUARD_MAX_SKIP = 4
+
+
+def nll_guard_skip(decode_steps: int) -> int:
+    """Continuation tokens the fluency guard's NLL leaves out (module docstring)."""
+    return 1 + min(int(decode_steps), NLL_GUARD_MAX_SKIP)
 
 
 @dataclass
@@ -221,7 +231,7 @@ def evaluate_method(model, tokenizer, artifact: SteeringArtifact | None, *, targ
     ids = identifiers or identifiers_for(target, english)
     gens = generate(model, tokenizer, prompts, artifact, token_sets, target, english, settings,
                     gamma=gamma)
-    skip = 1 + (artifact.decode_steps if artifact is not None else 0)
+    skip = nll_guard_skip(artifact.decode_steps if artifact is not None else 0)
     nll_cont = continuation_nll(model, tokenizer, prompts, gens.new_ids, skip,
                                 settings.template, settings.batch_size, artifact)
     if reference_nll is None:

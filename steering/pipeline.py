@@ -143,7 +143,8 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
                 .get("created"), "window": loc.window, "settings": dataclasses.asdict(settings),
                 "tuning": dataclasses.asdict(cfg.tuning), "eval": dataclasses.asdict(ev),
                 "frontier": dataclasses.asdict(fr), "position": cfg.position,
-                "decode_steps": cfg.decode_steps, "seed": cfg.seed, "primary": cfg.primary}
+                "decode_steps": cfg.decode_steps, "sustain": cfg.sustain, "seed": cfg.seed,
+                "primary": cfg.primary}
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
 
@@ -152,10 +153,11 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
                                             english=cfg.english, prompts=eval_prompts,
                                             sentences=eval_sents, token_sets=sets,
                                             settings=settings, identifiers=ids)
-    from steering.evaluate import continuation_nll
+    from steering.evaluate import continuation_nll, nll_guard_skip
 
     ref_nll = continuation_nll(model, tokenizer, eval_prompts, ref_gens.new_ids,
-                               1 + cfg.decode_steps, settings.template, settings.batch_size)
+                               nll_guard_skip(cfg.decode_steps), settings.template,
+                               settings.batch_size)
     methods: dict[str, dict] = {"none": {"metrics": ref_metrics, "strengths": {}, "tuning": []}}
     log.info("none: DEFAULT %.2f, ΔM %+.3f", ref_metrics["default"]["mean"],
              ref_metrics["delta_m"]["mean"])
@@ -177,6 +179,7 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
         t0 = time.perf_counter()
         art = build_method(method, loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
                            position=cfg.position, decode_steps=cfg.decode_steps,
+                           sustain=cfg.sustain,
                            caa_means=caa_means, window=window,
                            ablation_of=_ablation_of(cfg))
         art, points, ok = tune_strengths(model, tokenizer, art, TUNED[method],
@@ -226,6 +229,7 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
         "methods": methods, "frontier": frontier, "bars": bars, "findings": findings,
         "layer_gains": {l: r.get("causal_gain") for l, r in loc.summary["layers"].items()},
         "settings": {"position": cfg.position, "decode_steps": cfg.decode_steps,
+                     "sustain": cfg.sustain,
                      "tuning": dataclasses.asdict(cfg.tuning), "evaluation": dataclasses.asdict(ev),
                      "guards": dataclasses.asdict(settings.guards), "seed": cfg.seed,
                      "localise": str(Path(cfg.localise_dir).resolve())},
@@ -272,12 +276,16 @@ def choose_steer_window(model, tokenizer, loc: Localisation, cfg: SteerAppConfig
     for w in cands:
         art = build_method(cfg.primary, loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
                            position=cfg.position, decode_steps=cfg.decode_steps,
+                           sustain=cfg.sustain,
                            caa_means=caa_means, window=w,
                            ablation_of=_ablation_of(cfg))
+        short = cfg.tuning.window_lams is not None and TUNED[cfg.primary] != "beta"
+        scan_lams = cfg.tuning.window_lams if short else cfg.tuning.lams
+        scan_betas = [0.0] if short else cfg.tuning.betas
         tuned, points, ok = tune_strengths(model, tokenizer, art, TUNED[cfg.primary],
                                            prompts=prompts, sentences=sentences,
                                            token_sets=sets, kl_budget=cfg.tuning.kl_budget,
-                                           lams=cfg.tuning.lams, betas=cfg.tuning.betas,
+                                           lams=scan_lams, betas=scan_betas,
                                            settings=settings)
         best = next(p for p in points if p.lam == tuned.lam and p.beta == tuned.beta)
         scan.append({"window": w, "lam": tuned.lam, "beta": tuned.beta,

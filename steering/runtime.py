@@ -7,8 +7,9 @@
 
 **Positions.** ``position="all"`` edits every token. ``position="prompt_end"`` (default) edits
 the last prompt token and the first ``decode_steps`` generated tokens (each generated token's
-own forward): the steer decides the language of the answer's start and the model continues
-in that language on its own, so later tokens are not distorted. Positions are *columns* of the
+own forward) at full strength, and every later generated token at the fraction ``sustain`` of
+it (0: not at all): the steer decides the language of the answer's start, and a light
+sustained push keeps the answer from drifting back to English. Positions are *columns* of the
 (left-padded) sequence: every row's prompt ends in the last column of the first forward. A
 top-level pre-hook on the model tracks which columns each forward holds:
 
@@ -73,19 +74,27 @@ class _Columns:
             self.prompt_ids = None if input_ids is None else input_ids.detach().clone()
             self.prompt_len = seq_len
 
-    def mask(self, mode: str, decode_steps: int, batch: int, device) -> Optional[Tensor]:
-        """(batch or 1, seq) bool of the edited tokens; None when nothing is edited."""
+    def weights(self, mode: str, decode_steps: int, sustain: float, device
+                ) -> Optional[Tensor]:
+        """(batch or 1, seq) float strength of each token's edit (1: full, ``sustain``: later
+        generated tokens, 0: none); None when nothing is edited."""
         if mode == "all":
-            return torch.ones(1, self.length, dtype=torch.bool, device=device)
+            return torch.ones(1, self.length, device=device)
         cols = torch.arange(self.start, self.start + self.length, device=device)
         if self.pinned_end is not None:
             end = self.pinned_end.to(device)[:, None]
-            m = (cols[None] >= end) & (cols[None] <= end + decode_steps)
-            return m if bool(m.any()) else None
-        end = self.prompt_len - 1
-        if self.start + self.length - 1 < end or self.start > end + decode_steps:
-            return None
-        return ((cols >= end) & (cols <= end + decode_steps))[None]
+            cols = cols[None]
+        else:
+            end = self.prompt_len - 1
+            last = self.start + self.length - 1
+            if last < end or (sustain == 0 and self.start > end + decode_steps):
+                return None
+            cols = cols[None]
+        full = (cols >= end) & (cols <= end + decode_steps)
+        w = full.float()
+        if sustain > 0:
+            w = w + sustain * (cols > end + decode_steps).float()
+        return w if self.pinned_end is None or bool((w > 0).any()) else None
 
 
 def _past_length(kwargs: dict) -> int:
@@ -101,11 +110,14 @@ class Steerer:
     """The live steer returned by :func:`steer` (hooks, strengths, position tracking)."""
 
     def __init__(self, model, artifact: SteeringArtifact, gamma: float, position: str,
-                 decode_steps: int):
+                 decode_steps: int, sustain: float = 0.0):
         if position not in POSITION_MODES:
             raise ArtifactError(f"position={position!r}; use one of {POSITION_MODES}")
+        if not 0 <= sustain <= 1:
+            raise ArtifactError(f"sustain={sustain}: must be in [0, 1]")
         self.model, self.artifact = model, artifact
         self.gamma, self.position, self.decode_steps = float(gamma), position, int(decode_steps)
+        self.sustain = float(sustain)
         self.columns = _Columns()
         self.handles: list = []
         self.n_edited_calls = 0
@@ -179,8 +191,8 @@ class Steerer:
 
     def apply(self, edit: LayerEdit, x: Tensor) -> Tensor:
         """x (batch, seq, width) → edited x at the steered positions (x itself if none)."""
-        mask = self.columns.mask(self.position, self.decode_steps, x.shape[0], x.device)
-        if mask is None or self.gamma == 0:
+        weight = self.columns.weights(self.position, self.decode_steps, self.sustain, x.device)
+        if weight is None or self.gamma == 0:
             return x
         lam = self.gamma * self.artifact.lam
         beta = self.gamma * self.artifact.beta
@@ -209,7 +221,7 @@ class Steerer:
                     u = self._tensor(edit, "remove_decoder", x).float()
                     delta -= (beta * coef[..., None] * u).to(x.dtype)
         self.n_edited_calls += 1
-        return x + delta * mask[..., None].to(x.dtype)
+        return x + delta * weight[..., None].to(x.dtype)
 
     def _gate(self, edit: LayerEdit, x: Tensor) -> Tensor:
         """g(x) = clamp(1 − t(x), 0, 1) per token (t: the target coordinate, artifact doc)."""
@@ -243,18 +255,20 @@ class Steerer:
 
 @contextmanager
 def steer(model, artifact: SteeringArtifact | str, gamma: float | None = None,
-          position: str | None = None, decode_steps: int | None = None):
+          position: str | None = None, decode_steps: int | None = None,
+          sustain: float | None = None):
     """Context manager: ``model`` steered by ``artifact`` (a loaded artifact or its folder).
 
-    ``gamma`` scales λ and β together (default: the artifact's γ); ``position`` and
-    ``decode_steps`` override the artifact's position mode. Yields the :class:`Steerer`; its
-    hooks are removed on exit, also when the body raises.
+    ``gamma`` scales λ and β together (default: the artifact's γ); ``position``,
+    ``decode_steps`` and ``sustain`` override the artifact's position mode. Yields the
+    :class:`Steerer`; its hooks are removed on exit, also when the body raises.
     """
     if not isinstance(artifact, SteeringArtifact):
         artifact = SteeringArtifact.load(artifact)
     steerer = Steerer(model, artifact, artifact.gamma if gamma is None else gamma,
                       artifact.position if position is None else position,
-                      artifact.decode_steps if decode_steps is None else decode_steps)
+                      artifact.decode_steps if decode_steps is None else decode_steps,
+                      artifact.sustain if sustain is None else sustain)
     steerer.install()
     try:
         yield steerer

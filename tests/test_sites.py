@@ -74,3 +74,18 @@ def test_loaded_models_feed_the_lm_head_a_contiguous_input(load_tiny):
         handle.remove()
     assert all(seen)
     torch.testing.assert_close(last, full)
+
+
+def test_dtype_auto_follows_the_hardware():
+    """auto → bf16 only where it is computed natively (emulated bf16 is several times slower
+    than fp32 on AVX2-only CPUs); explicit names pass through; unknown names are refused."""
+    import pytest
+    import torch
+
+    from sae_train.models.loading import cpu_has_native_bf16, resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    assert resolve_dtype("float16", cpu) == "float16"
+    with pytest.raises(ValueError, match="auto"):
+        resolve_dtype("fp8", cpu)

@@ -66,10 +66,12 @@ def _loop(model, ids, attn, n):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-@pytest.mark.parametrize("position", ["prompt_end", "all"])
+@pytest.mark.parametrize("position", ["prompt_end", "sustain", "all"])
 def test_cache_loop_and_padding_equivalence(load_tiny, arch, position):
     model, tokenizer, _ = load_tiny(arch)
-    art = _artifact(model, position)
+    art = _artifact(model, "prompt_end" if position == "sustain" else position)
+    if position == "sustain":  # full strength for 2 decode steps, then 0.4 of it
+        art = art.with_strengths(sustain=0.4)
     ids, attn = _batch(tokenizer)
     base = _generate(model, ids, attn, 8, True)
     with steer(model, art) as s:
@@ -169,9 +171,28 @@ def test_neuron_edit_matches_its_formula(load_tiny):
     assert torch.equal(out[..., untouched], a[..., untouched])
 
 
+def test_sustain_edits_later_tokens_at_its_fraction(load_tiny):
+    """With sustain s, every generated token after the first decode_steps gets s × the edit;
+    the prompt end and the first decode_steps get all of it; earlier prompt tokens nothing."""
+    model, tokenizer, _ = load_tiny("llama")
+    art = _artifact(model, "prompt_end", decode_steps=1, space="neurons").with_strengths(
+        beta=0.0, sustain=0.25)
+    ids, attn = _batch(tokenizer)
+    with torch.no_grad(), steer(model, art) as s:
+        _generate(model, ids, attn, 5, True)
+    assert s.n_edited_calls == 2 * 5  # the prompt + 4 decode forwards at two layers
+    edit, end = art.edits[1], s.columns.prompt_len - 1
+    x = torch.zeros(1, 1, model.config.intermediate_size)
+    for column, share in ((end - 1, 0.0), (end, 1.0), (end + 1, 1.0), (end + 2, 0.25),
+                          (end + 9, 0.25)):
+        s.columns.start, s.columns.length = column, 1
+        y = s.apply(edit, x)
+        torch.testing.assert_close(y[0, 0, edit.add_index], share * edit.add)
+
+
 def test_artifact_round_trip_and_tamper_check(load_tiny, tmp_path):
     model, tokenizer, _ = load_tiny("llama")
-    art = _artifact(model, "prompt_end")
+    art = _artifact(model, "prompt_end").with_strengths(sustain=0.3)
     art.provenance = {"localise": "x"}
     folder = art.save(tmp_path / "a")
     loaded = SteeringArtifact.load(folder)
@@ -199,6 +220,8 @@ def test_artifact_round_trip_and_tamper_check(load_tiny, tmp_path):
 def test_bad_settings_are_refused():
     with pytest.raises(ArtifactError, match="position"):
         SteeringArtifact(method="m", target="es", edits=[], position="middle")
+    with pytest.raises(ArtifactError, match="sustain"):
+        SteeringArtifact(method="m", target="es", edits=[], sustain=1.5)
     with pytest.raises(ArtifactError, match="space"):
         LayerEdit(layer=0, space="attention")
     with pytest.raises(ArtifactError, match="remove_encoder"):

@@ -22,8 +22,28 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
-        raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(_DTYPES)}")
+        raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(_DTYPES)} or auto")
     return _DTYPES[name]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); without it torch
+    emulates bf16 matmuls, which is several times slower than float32."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """``auto`` → the fastest safe dtype for ``device`` (ModelConfig.dtype); others unchanged."""
+    if name != "auto":
+        parse_dtype(name)
+        return name
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device.type == "cpu":
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return "float32"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -127,8 +147,9 @@ def load_model(cfg: ModelConfig):
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(cfg)
-    dtype = parse_dtype(cfg.dtype)
     device = resolve_device(cfg.device)
+    dtype_name = resolve_dtype(cfg.dtype, device)
+    dtype = parse_dtype(dtype_name)
     kwargs = dict(revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -146,10 +167,10 @@ def load_model(cfg: ModelConfig):
     info = ModelInfo(
         name=cfg.name, path=path, revision=cfg.revision,
         commit_hash=getattr(model.config, "_commit_hash", None),
-        fingerprint=weights_fingerprint(model), dtype=cfg.dtype,
+        fingerprint=weights_fingerprint(model), dtype=dtype_name,
         model_type=model.config.model_type, n_layers=len(decoder_layers(model)),
         hidden_size=int(getattr(tcfg, "hidden_size", getattr(tcfg, "n_embd", 0))),
     )
-    log.info("loaded %s (%s, %d layers, %s) on %s", cfg.name, info.model_type, info.n_layers,
-             cfg.dtype, device)
+    log.info("loaded %s (%s, %d layers, %s%s) on %s", cfg.name, info.model_type, info.n_layers,
+             dtype_name, " from dtype=auto" if cfg.dtype == "auto" else "", device)
     return model, tokenizer, info
