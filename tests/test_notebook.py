@@ -108,9 +108,12 @@ def test_demo_report_fields_plots_and_artifacts(tiny_demo_run, foxp2_cache_root,
             assert art.window and all(l in report["window"] or name == "caa_layer"
                                       for l in art.window)
             assert art.provenance["tuning"]["points"], name
+            assert art.sustain == pytest.approx(0.33), name  # conf/demo_tiny.yaml
     assert report["methods"]["none"]["metrics"]["kl_gen"]["mean"] == pytest.approx(0, abs=1e-9)
     assert report["window_scan"] and report["window"] in [r["window"] for r in
                                                           report["window_scan"]]
+    # the scan ran the short grid (tuning.window_lams=[4.0] at β = 0)
+    assert all(r["lam"] == 4.0 and r["beta"] == 0.0 for r in report["window_scan"])
     assert {b["metric"] for b in report["bars"]} == {"default", "nll_change_gen"}
     for name in ("frontier", "default_vs_gamma", "layer_gains", "default_by_method"):
         png = tiny_demo_run / "steer-es" / "report" / "plots" / f"{name}.png"

@@ -165,3 +165,13 @@ def test_gen_mode_follows_the_artifacts_position(planted):
     np.testing.assert_allclose(b.kl["gen"], b.kl["all"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(a.kl["all"], b.kl["all"], rtol=1e-5, atol=1e-7)
     assert (a.kl["gen"] <= a.kl["all"] + 1e-6).all()
+
+
+def test_steer_settings_are_checked_at_start():
+    from steering.config import LocaliseConfigError, SteerAppConfig, SteerTuningConfig
+
+    with pytest.raises(LocaliseConfigError, match="sustain"):
+        SteerAppConfig(sustain=1.5)
+    with pytest.raises(LocaliseConfigError, match="window_lams"):
+        SteerTuningConfig(window_lams=[])
+    assert SteerAppConfig(sustain=0.33).sustain == 0.33
