@@ -214,7 +214,8 @@ class SteeringArtifact:
                 "target": self.target, "english": self.english, "lam": self.lam,
                 "beta": self.beta, "gamma": self.gamma, "position": self.position,
                 "decode_steps": self.decode_steps, "sustain": self.sustain,
-                "prompt_prefix": self.prompt_prefix, "window": self.window, "edits": layout, "tensors_sha256": digest,
+                "prompt_prefix": self.prompt_prefix, "window": self.window, "edits": layout,
+                "tensors_sha256": digest,
                 "provenance": {**self.provenance,
                                "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
         tmp = folder / (META_NAME + ".tmp")
@@ -253,7 +254,8 @@ class SteeringArtifact:
                    lam=float(meta["lam"]), beta=float(meta["beta"]),
                    gamma=float(meta["gamma"]), english=meta.get("english", "en"),
                    position=meta["position"], decode_steps=int(meta["decode_steps"]),
-                   sustain=float(meta.get("sustain", 0.0)), prompt_prefix=meta.get("prompt_prefix", ""),
+                   sustain=float(meta.get("sustain", 0.0)),
+                   prompt_prefix=meta.get("prompt_prefix", ""),
                    provenance=meta.get("provenance", {}))
 
 

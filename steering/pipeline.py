@@ -272,6 +272,10 @@ def choose_steer_window(model, tokenizer, loc: Localisation, cfg: SteerAppConfig
         if stored.get("key") == key:
             log.info("window: reused %s → %s", done, stored["window"])
             return stored["window"], stored["scan"]
+    # the short scan grid (tuning.window_lams at β = 0); a β-only primary keeps its β grid
+    short = cfg.tuning.window_lams is not None and TUNED[cfg.primary] != "beta"
+    scan_lams = cfg.tuning.window_lams if short else cfg.tuning.lams
+    scan_betas = [0.0] if short else cfg.tuning.betas
     scan = []
     for w in cands:
         art = build_method(cfg.primary, loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
@@ -279,9 +283,6 @@ def choose_steer_window(model, tokenizer, loc: Localisation, cfg: SteerAppConfig
                            sustain=cfg.sustain,
                            caa_means=caa_means, window=w,
                            ablation_of=_ablation_of(cfg))
-        short = cfg.tuning.window_lams is not None and TUNED[cfg.primary] != "beta"
-        scan_lams = cfg.tuning.window_lams if short else cfg.tuning.lams
-        scan_betas = [0.0] if short else cfg.tuning.betas
         tuned, points, ok = tune_strengths(model, tokenizer, art, TUNED[cfg.primary],
                                            prompts=prompts, sentences=sentences,
                                            token_sets=sets, kl_budget=cfg.tuning.kl_budget,

@@ -80,21 +80,19 @@ class _Columns:
         generated tokens, 0: none); None when nothing is edited."""
         if mode == "all":
             return torch.ones(1, self.length, device=device)
-        cols = torch.arange(self.start, self.start + self.length, device=device)
-        if self.pinned_end is not None:
-            end = self.pinned_end.to(device)[:, None]
-            cols = cols[None]
-        else:
+        if self.pinned_end is None:
             end = self.prompt_len - 1
-            last = self.start + self.length - 1
-            if last < end or (sustain == 0 and self.start > end + decode_steps):
+            # nothing to edit: before the prompt end, or past the full-strength steps unsustained
+            if self.start + self.length - 1 < end or (
+                    sustain == 0 and self.start > end + decode_steps):
                 return None
-            cols = cols[None]
-        full = (cols >= end) & (cols <= end + decode_steps)
-        w = full.float()
+        else:
+            end = self.pinned_end.to(device)[:, None]
+        cols = torch.arange(self.start, self.start + self.length, device=device)[None]
+        w = ((cols >= end) & (cols <= end + decode_steps)).float()
         if sustain > 0:
             w = w + sustain * (cols > end + decode_steps).float()
-        return w if self.pinned_end is None or bool((w > 0).any()) else None
+        return w if self.pinned_end is None or bool(w.any()) else None
 
 
 def _past_length(kwargs: dict) -> int:
