@@ -313,6 +313,10 @@ class SteerTuningConfig:
     # window costs one tuning point per λ, so a short grid keeps the scan cheap; the chosen
     # window is then tuned on the full grid like every method.
     window_lams: Optional[list[float]] = None
+    # End a λ line (fixed β) at its first point over the budget: larger strengths only cost
+    # more KL, so they could not be chosen (steering.evaluate.tune_strengths). False: measure
+    # the whole grid.
+    stop_over_budget: bool = True
 
     def __post_init__(self):
         _check(self.kl_budget > 0, f"tuning.kl_budget={self.kl_budget}: must be > 0")
@@ -332,8 +336,14 @@ class SteerEvalConfig:
     n_sentences: Optional[int] = None  # null: every held-out target sentence
     max_new_tokens: int = 32
     steps: int = 3  # T of ΔM
-    batch_size: int = 16
+    batch_size: int = 16  # rows per full-vocabulary forward (held-out text, continuation NLL)
+    gen_batch_size: int = 64  # rows per greedy decode (cheap in memory; big batches amortise)
     n_boot: int = 2000
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1 and self.gen_batch_size >= 1,
+               f"evaluation.batch_size={self.batch_size}, evaluation.gen_batch_size="
+               f"{self.gen_batch_size}: both must be ≥ 1")
 
 
 @dataclass

@@ -69,7 +69,11 @@ class EvalSettings:
     steps: int = 3  # T of ΔM
     max_new_tokens: int = 32
     head_tokens: int = HEAD_TOKENS
-    batch_size: int = 16
+    batch_size: int = 16  # rows per full-vocabulary forward (held-out text, continuation NLL)
+    # Rows per greedy decode. A decode step reads every weight (the 262k × d LM head above all)
+    # for a handful of tokens, so on CPU its cost is nearly flat in the batch: 48 rows at once
+    # take half the time of three batches of 16 (docs/results.md, "Demo wall time").
+    gen_batch_size: int = 64
     template: str = DEFAULT_TEMPLATE
     n_boot: int = 2000
     seed: int = 0
@@ -112,8 +116,8 @@ def generate(model, tokenizer, prompts: Sequence[str], artifact: SteeringArtifac
     encoded = tokenizer(texts)["input_ids"]
     eos = {i for i in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
     new_ids, dm = [], []
-    for start in range(0, len(texts), settings.batch_size):
-        ids, attn = left_pad(encoded[start:start + settings.batch_size], _pad_id(tokenizer))
+    for start in range(0, len(texts), settings.gen_batch_size):
+        ids, attn = left_pad(encoded[start:start + settings.gen_batch_size], _pad_id(tokenizer))
         with _context(model, artifact, gamma):
             masses, tokens = greedy_language_masses(model, ids.to(device), attn.to(device),
                                                     set_ids, n_new)
@@ -132,7 +136,10 @@ def continuation_nll(model, tokenizer, prompts: Sequence[str], continuations: li
                      skip: int, template: str = DEFAULT_TEMPLATE, batch_size: int = 16,
                      artifact: SteeringArtifact | None = None) -> np.ndarray:
     """Mean NLL (nats/token) under the *unsteered* model of each continuation's tokens after
-    the first ``skip`` (NaN when none are left). The prompt is formatted as the method saw it."""
+    the first ``skip`` (NaN when none are left). The prompt is formatted as the method saw it.
+
+    Only the scored columns go through the LM head (``logits_to_keep``): the rows are
+    left-padded, so every continuation ends at the last column."""
     device = next(model.parameters()).device
     out = np.full(len(prompts), np.nan)
     rows = []
@@ -145,13 +152,18 @@ def continuation_nll(model, tokenizer, prompts: Sequence[str], continuations: li
         seqs = [ids + cont for _, ids, cont in chunk]
         ids, attn = left_pad(seqs, _pad_id(tokenizer))
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logp = model(input_ids=ids.to(device), attention_mask=attn.to(device),
-                     position_ids=pos.to(device), use_cache=False).logits.float().log_softmax(-1)
         width = ids.shape[1]
+        # column c's token is predicted at column c - 1; scored columns: the last n - skip
+        keep = max(len(cont) for _, _, cont in chunk) - skip + 1
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device),
+                       position_ids=pos.to(device), use_cache=False,
+                       logits_to_keep=keep).logits.float()
+        logp = logits.log_softmax(-1)  # (B, keep, V): column width - keep + j
         for b, (i, _p, cont) in enumerate(chunk):
             n = len(cont)
             cols = torch.arange(width - n + skip, width, device=device)  # predicted columns
-            nll = -logp[b, cols - 1].gather(-1, ids[b, cols].to(device)[:, None]).squeeze(-1)
+            nll = -logp[b, cols - 1 - (width - keep)].gather(
+                -1, ids[b, cols].to(device)[:, None]).squeeze(-1)
             out[i] = float(nll.mean())
     return out
 
@@ -164,43 +176,80 @@ class SentenceScores:
     kl: dict  # mode → (S,) mean per-token KL(steered ‖ base)
 
 
+class HeldOutText:
+    """Held-out target sentences tokenised into left-padded batches, with the *unsteered*
+    model's next-token log-probs computed once and kept.
+
+    Every method and every tuning point compares its steered distributions against the same
+    base ones, so keeping them saves one full-vocabulary forward per call (a third of an
+    evaluation, half of a tuning point). Memory: sentences × tokens × vocabulary float32 (48
+    sentences of ≤ 21 tokens with Gemma's 262k vocabulary: 1 GB); ``keep_base=False`` trades
+    it back for the recomputation."""
+
+    def __init__(self, model, tokenizer, sentences: Sequence[str], batch_size: int = 16,
+                 keep_base: bool = True):
+        self.model, self.sentences, self.keep_base = model, list(sentences), keep_base
+        device = next(model.parameters()).device
+        encoded = tokenizer(self.sentences)["input_ids"]
+        special = torch.tensor(sorted(set(tokenizer.all_special_ids)) or [-1], device=device)
+        self.batches = []
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start:start + batch_size]
+            ids, attn = left_pad(chunk, _pad_id(tokenizer))
+            ids, attn = ids.to(device), attn.to(device)
+            # The prompt-end stand-in: each row's first text token (after BOS / other
+            # specials, which are never steered as a prompt end: their norms are far out of
+            # distribution).
+            first = (attn.shape[1] - attn.sum(-1)).long()
+            rows = torch.arange(len(chunk), device=device)
+            first = first + torch.isin(ids[rows, first], special).long()
+            self.batches.append({"start": start, "ids": ids, "attn": attn,
+                                 "pos": (attn.cumsum(-1) - 1).clamp(min=0), "first": first,
+                                 "valid": attn[:, 1:].bool() & attn[:, :-1].bool(),
+                                 "base": None})
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    def log_probs(self, batch: dict) -> torch.Tensor:
+        """(B, L-1, V) float32 next-token log-probs of one batch under the model as it is now."""
+        return self.model(input_ids=batch["ids"], attention_mask=batch["attn"],
+                          position_ids=batch["pos"],
+                          use_cache=False).logits[:, :-1].float().log_softmax(-1)
+
+    def base(self, batch: dict) -> torch.Tensor:
+        if batch["base"] is not None:
+            return batch["base"]
+        logp = self.log_probs(batch)
+        if self.keep_base:
+            batch["base"] = logp
+        return logp
+
+
 @torch.no_grad()
-def sentence_scores(model, tokenizer, sentences: Sequence[str],
+def sentence_scores(model, tokenizer, sentences: Sequence[str] | HeldOutText,
                     artifact: SteeringArtifact | None, modes: Sequence[str] = ("gen", "all"),
                     batch_size: int = 16, gamma: float | None = None) -> SentenceScores:
-    """Per-sentence NLL of held-out target text, base and steered, and KL(steered ‖ base)."""
-    device = next(model.parameters()).device
-    encoded = [e for e in tokenizer(list(sentences))["input_ids"]]
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)) or [-1], device=device)
-    n = len(encoded)
+    """Per-sentence NLL of held-out target text, base and steered, and KL(steered ‖ base).
+    ``sentences``: strings, or a :class:`HeldOutText` of them (its base log-probs are reused)."""
+    text = sentences if isinstance(sentences, HeldOutText) else \
+        HeldOutText(model, tokenizer, sentences, batch_size, keep_base=False)
+    if text.model is not model:
+        raise ValueError("sentences were tokenised and scored for another model")
+    n = len(text)
     nll_base = np.full(n, np.nan)
     nll = {m: np.full(n, np.nan) for m in modes}
     kl = {m: np.full(n, np.nan) for m in modes}
-    for start in range(0, n, batch_size):
-        chunk = encoded[start:start + batch_size]
-        ids, attn = left_pad(chunk, _pad_id(tokenizer))
-        ids, attn = ids.to(device), attn.to(device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        # The prompt-end stand-in: each row's first text token (after BOS / other specials,
-        # which are never steered as a prompt end: their norms are far out of distribution).
-        first = (attn.shape[1] - attn.sum(-1)).long()
-        rows = torch.arange(len(chunk), device=device)
-        first = first + torch.isin(ids[rows, first], special).long()
-
-        def forward():
-            return model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                         use_cache=False).logits.float().log_softmax(-1)[:, :-1]
-
-        target_ids = ids[:, 1:]
-        valid = attn[:, 1:].bool() & attn[:, :-1].bool()
-        base = forward()
-        base_nll = -base.gather(-1, target_ids[..., None]).squeeze(-1)
+    for batch in text.batches:
+        rows = slice(batch["start"], batch["start"] + len(batch["ids"]))
+        target_ids, valid = batch["ids"][:, 1:], batch["valid"]
+        base = text.base(batch)
 
         def per_row(values):
             v = (values * valid).sum(-1) / valid.sum(-1).clamp(min=1)
             return v.cpu().numpy()
 
-        nll_base[start:start + len(chunk)] = per_row(base_nll)
+        nll_base[rows] = per_row(-base.gather(-1, target_ids[..., None]).squeeze(-1))
         for mode in modes:
             if artifact is None or not artifact.edits:
                 steered = base
@@ -210,12 +259,10 @@ def sentence_scores(model, tokenizer, sentences: Sequence[str],
                 position = "all" if mode == "all" else artifact.position
                 with steer(model, artifact, gamma=gamma, position=position) as s:
                     if position == "prompt_end":
-                        s.pin_prompt_end(first)
-                    steered = forward()
-            s_nll = -steered.gather(-1, target_ids[..., None]).squeeze(-1)
-            nll[mode][start:start + len(chunk)] = per_row(s_nll)
-            kl_tok = (steered.exp() * (steered - base)).sum(-1)
-            kl[mode][start:start + len(chunk)] = per_row(kl_tok)
+                        s.pin_prompt_end(batch["first"])
+                    steered = text.log_probs(batch)
+            nll[mode][rows] = per_row(-steered.gather(-1, target_ids[..., None]).squeeze(-1))
+            kl[mode][rows] = per_row((steered.exp() * (steered - base)).sum(-1))
     return SentenceScores(nll_base, nll, kl)
 
 
@@ -284,8 +331,11 @@ class TuningPoint:
 
 def strength_grid(tuned: str, lams: Sequence[float], betas: Sequence[float]
                   ) -> list[tuple[float, float]]:
+    """The (λ, β) points of a method's tuning grid: for each β, λ ascending (the order
+    :func:`tune_strengths` walks them in)."""
+    lams, betas = sorted(lams), sorted(betas)
     if tuned == "both":
-        return [(l, b) for l in lams for b in betas]
+        return [(l, b) for b in betas for l in lams]
     if tuned == "lam":
         return [(l, 0.0) for l in lams]
     if tuned == "beta":
@@ -294,28 +344,40 @@ def strength_grid(tuned: str, lams: Sequence[float], betas: Sequence[float]
 
 
 def tune_strengths(model, tokenizer, artifact: SteeringArtifact, tuned: str, *,
-                   prompts: Sequence[str], sentences: Sequence[str],
+                   prompts: Sequence[str], sentences: Sequence[str] | HeldOutText,
                    token_sets: LanguageTokenSets, kl_budget: float, lams: Sequence[float],
-                   betas: Sequence[float], settings: EvalSettings
+                   betas: Sequence[float], settings: EvalSettings,
+                   stop_over_budget: bool = True
                    ) -> tuple[SteeringArtifact, list[TuningPoint], bool]:
     """(λ, β) by maximum mean ΔM on tuning prompts subject to mean KL_gen ≤ ``kl_budget`` on
-    tuning target sentences. Returns the tuned artifact, every grid point, and whether any
-    point met the budget (if none did, the smallest-KL point is taken)."""
+    tuning target sentences. Returns the tuned artifact, the grid points measured, and whether
+    any point met the budget (if none did, the smallest-KL point is taken).
+
+    ``stop_over_budget``: along λ at a fixed β (along β for a β-only method) the first point
+    over the budget ends that line: the push only grows, and so does its KL (monotone in every
+    demo sweep, docs/results.md), so the larger strengths could not be chosen. The smallest
+    strength of each line is always measured, so the smallest-KL fallback is unchanged."""
     grid = strength_grid(tuned, lams, betas)
     if not grid:
         return artifact, [], True
-    points = []
+    points: list[TuningPoint] = []
+    over_lines: set[float] = set()  # the β lines (λ lines for β-only) that went over
     for lam, beta in grid:
+        line = lam if tuned == "beta" else beta
+        if stop_over_budget and line in over_lines:
+            continue
         cand = artifact.with_strengths(lam=lam, beta=beta, gamma=1.0)
-        gens = generate(model, tokenizer, prompts, cand, token_sets, artifact.target,
-                        artifact.english, settings, max_new_tokens=settings.steps)
         kl = sentence_scores(model, tokenizer, sentences, cand, modes=("gen",),
                              batch_size=settings.batch_size).kl["gen"]
         kl_mean = float(np.nanmean(kl))
+        gens = generate(model, tokenizer, prompts, cand, token_sets, artifact.target,
+                        artifact.english, settings, max_new_tokens=settings.steps)
         points.append(TuningPoint(lam, beta, float(gens.delta_m.mean()), kl_mean,
                                   kl_mean <= kl_budget))
-        log.info("  tune %s λ=%g β=%g: ΔM %+.4f, KL %.4f", artifact.method, lam, beta,
-                 points[-1].delta_m, kl_mean)
+        if not points[-1].within_budget:
+            over_lines.add(line)
+        log.info("  tune %s λ=%g β=%g: ΔM %+.4f, KL %.4f%s", artifact.method, lam, beta,
+                 points[-1].delta_m, kl_mean, "" if points[-1].within_budget else " (over)")
     ok = [p for p in points if p.within_budget]
     best = max(ok, key=lambda p: p.delta_m) if ok else min(points, key=lambda p: p.kl)
     return artifact.with_strengths(lam=best.lam, beta=best.beta, gamma=1.0), points, bool(ok)

@@ -25,10 +25,14 @@ activation function's output. For GPT-2 (``act(c_fc(x))``) both are the same.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +59,59 @@ class LanguageActivationProbs:
                      ) -> dict[str, dict[int, torch.Tensor]]:
         return lape_neurons(self.probs, self.languages, layers=self.layers,
                             entropy_quantile=entropy_quantile, prob_quantile=prob_quantile)
+
+    def save(self, path: str | Path) -> None:
+        """safetensors with the fields as json metadata (written atomically)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {"layers": self.layers, "languages": self.languages, "n_tokens": self.n_tokens,
+                "active": self.active, "source": self.source}
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"probs": self.probs.contiguous()}, str(tmp),
+                  metadata={"lape": json.dumps(meta)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LanguageActivationProbs":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["lape"])
+            probs = f.get_tensor("probs")
+        return cls(probs, [int(l) for l in meta["layers"]], list(meta["languages"]),
+                   {k: int(v) for k, v in meta["n_tokens"].items()}, meta["active"],
+                   meta["source"])
+
+
+def stored_activation_probabilities(store_dir: str | Path | None, key: dict,
+                                    compute: Callable[[], LanguageActivationProbs]
+                                    ) -> tuple[LanguageActivationProbs, bool]:
+    """``compute()``'s result, kept in ``store_dir/lape-<hash of key>.safetensors``.
+
+    The probabilities cover every language of the corpus, so each target's localisation
+    would compute the very same numbers (the demo's second target saves its LAPE pass). The
+    key names every input (model weights, tokenizer, texts, layers, settings). An unwritable
+    ``store_dir`` (a shared, read-only cache) only costs the recomputation. Returns
+    (probabilities, whether they were read from the store)."""
+    if store_dir is None:
+        return compute(), False
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    path = Path(store_dir) / f"lape-{digest[:20]}.safetensors"
+    if path.is_file():
+        try:
+            probs = LanguageActivationProbs.load(path)
+            log.info("LAPE activation probabilities: reused %s", path)
+            return probs, True
+        except Exception as err:  # a torn or foreign file: recompute and overwrite
+            log.warning("could not read %s (%s); recomputing", path, err)
+    probs = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probs.save(path)
+    except OSError as err:
+        log.info("LAPE activation probabilities not stored (%s)", err)
+    return probs, False
 
 
 def _kth_quantile(values: torch.Tensor, q: float) -> float:

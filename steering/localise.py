@@ -138,7 +138,8 @@ from sae_train.corpora.embedded import load_embedded_prompts
 from sae_train.models.sites import resolve_sites
 from steering.config import LocaliseAppConfig
 from steering.defaultness import DefaultnessResult, defaultness
-from steering.lape import activation_probabilities_from_cache, activation_probabilities_from_model
+from steering.lape import (activation_probabilities_from_cache, activation_probabilities_from_model,
+                           stored_activation_probabilities)
 from steering.lift import (FeatureRanking, LiftResult, direction_top_tokens, logit_mass_lift,
                            rank_by_selectivity_and_lift, rank_features, typical_norm_from_cache,
                            unit_rows)
@@ -903,14 +904,24 @@ def run_localise(cfg, model_bundle: tuple | None = None) -> dict:
         # 4. LAPE on the same source
         tc = cfg.tracing
         with ledger.step("lape"):
+            lape_reused = False
             if source == "cache":
                 probs = activation_probabilities_from_cache(cache, layers, None,
                                                             cfg.selectivity.splits)
             else:
                 lape_texts = corpus_texts(cache, cfg.selectivity.splits, paired_only=False)
-                probs = activation_probabilities_from_model(
-                    model, tokenizer, lape_texts, layers, batch_size=tc.batch_size,
-                    max_length=max_length)
+                # every language of the corpus: the same numbers for each target, so they are
+                # kept beside the cache and the next target's localisation reads them
+                key = {"model": info.fingerprint, "tokenizer": tok_digest, "layers": layers,
+                       "texts": hashlib.sha256(json.dumps(lape_texts, sort_keys=True)
+                                               .encode()).hexdigest(),
+                       "batch_size": tc.batch_size, "max_length": max_length,
+                       "active": "value", "dtype": info.dtype}
+                probs, lape_reused = stored_activation_probabilities(
+                    Path(cache.path) / "derived", key,
+                    lambda: activation_probabilities_from_model(
+                        model, tokenizer, lape_texts, layers, batch_size=tc.batch_size,
+                        max_length=max_length))
             lape = probs.lape_neurons(tc.lape_entropy_quantile, tc.lape_prob_quantile)
     traced_t = {l: r.trace.target_neurons if r.trace is not None else [] for l, r in
                 results.items()}
@@ -1015,7 +1026,7 @@ def run_localise(cfg, model_bundle: tuple | None = None) -> dict:
                      "lift_prompts": len(lift_prompts),
                      "lift_prompts_mean_delta_m": float(lift_baseline.mean())},
         "layers": per_layer,
-        "lape": {"source": source, "n_tokens": probs.n_tokens,
+        "lape": {"source": source, "n_tokens": probs.n_tokens, "reused": lape_reused,
                  "target": overlap["target"]["total"], "english": overlap["english"]["total"]},
         "token_sets": {"sizes": sets.sizes, "tokenizer": sets.tokenizer,
                        "by_source": sets_json["by_source"]},

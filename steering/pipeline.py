@@ -31,8 +31,8 @@ from sae_train.corpora.embedded import load_embedded_prompts
 from steering.artifact import SteeringArtifact
 from steering.build import TUNED, Localisation, build_method, residual_mean_differences
 from steering.config import SteerAppConfig
-from steering.evaluate import (EvalSettings, evaluate_method, generate, sentence_scores,
-                               tune_strengths)
+from steering.evaluate import (EvalSettings, HeldOutText, evaluate_method, generate,
+                               sentence_scores, tune_strengths)
 from steering.judge import identifiers_for, judge_continuation
 from steering.report import write_report
 from steering.token_sets import LanguageTokenSets
@@ -117,7 +117,8 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
 
     ev = cfg.evaluation
     settings = EvalSettings(steps=ev.steps, max_new_tokens=ev.max_new_tokens,
-                            batch_size=ev.batch_size, n_boot=ev.n_boot, seed=cfg.seed)
+                            batch_size=ev.batch_size, gen_batch_size=ev.gen_batch_size,
+                            n_boot=ev.n_boot, seed=cfg.seed)
     tune_prompts = _subset([p.text for p in load_embedded_prompts(["tuning"])],
                            cfg.tuning.n_prompts, cfg.seed)
     tune_sents = _subset(split_sentences(cfg.cache_dir, cfg.target, "tuning"),
@@ -133,6 +134,10 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
              cfg.english, cfg.target, loc.window, len(tune_prompts), len(tune_sents),
              len(eval_prompts), len(eval_sents))
     ids = identifiers_for(cfg.target, cfg.english)
+    # tokenised once; the unsteered log-probs are computed once per split and reused by
+    # every method and tuning point
+    tune_sents, eval_sents, fr_sents = (HeldOutText(model, tokenizer, s, ev.batch_size)
+                                        for s in (tune_sents, eval_sents, fr_sents))
 
     caa_means = None
     if {"caa_layer", "caa_window"} & set(cfg.methods):
@@ -177,6 +182,33 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
                 log.info("%s: reused %s", method, done)
                 continue
         t0 = time.perf_counter()
+        same = _same_as_primary(method, cfg, methods)
+        if same is not None:
+            # proven identical: the primary tuned β = 0, so this λ-only ablation walks the
+            # same λ line, picks the same λ and evaluates the same edit
+            art = build_method(method, loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
+                               position=cfg.position, decode_steps=cfg.decode_steps,
+                               sustain=cfg.sustain, caa_means=caa_means, window=window,
+                               ablation_of=_ablation_of(cfg))
+            art = art.with_strengths(lam=same["strengths"]["lam"], beta=0.0, gamma=1.0)
+            points = [p for p in same["tuning"] if p["beta"] == 0.0]
+            art.provenance.update({"tuning": {"kl_budget": cfg.tuning.kl_budget,
+                                              "met_budget": same["tuning_met_budget"],
+                                              "points": points, "same_as": cfg.primary},
+                                   "model": info.to_dict()})
+            art.save(art_dir)
+            result = {**same, "tuning": points, "artifact": str(art_dir),
+                      "describe": art.describe(), "same_as": cfg.primary,
+                      "seconds": time.perf_counter() - t0}
+            if method not in fr.methods:
+                result.pop("frontier", None)
+            elif "frontier" not in result:
+                result["frontier"] = frontier_points(model, tokenizer, art, fr.gammas,
+                                                     fr_prompts, fr_sents, sets, settings, ids)
+            methods[method] = result
+            done.write_text(json.dumps({"key": key, "result": result}, default=str))
+            log.info("%s: identical to %s (its tuned β = 0); result shared", method, cfg.primary)
+            continue
         art = build_method(method, loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
                            position=cfg.position, decode_steps=cfg.decode_steps,
                            sustain=cfg.sustain,
@@ -186,7 +218,8 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
                                          prompts=tune_prompts, sentences=tune_sents,
                                          token_sets=sets, kl_budget=cfg.tuning.kl_budget,
                                          lams=cfg.tuning.lams, betas=cfg.tuning.betas,
-                                         settings=settings)
+                                         settings=settings,
+                                         stop_over_budget=cfg.tuning.stop_over_budget)
         art.provenance.update({"tuning": {"kl_budget": cfg.tuning.kl_budget,
                                           "met_budget": ok, "points": [p.to_dict()
                                                                        for p in points]},
@@ -244,6 +277,19 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
     return {**report, "files": files}
 
 
+def _same_as_primary(method: str, cfg: SteerAppConfig, methods: dict) -> dict | None:
+    """The primary's result when ``method`` is its positive-only ablation and the primary
+    itself tuned β = 0: then both are tuned on the same λ line (the same artifact at each
+    point), pick the same λ and evaluate the same edit, so the result is the primary's."""
+    primary = methods.get(cfg.primary)
+    if (method != "foxp2_pos" or primary is None or _ablation_of(cfg) != cfg.primary
+            or TUNED[method] != "lam" or TUNED[cfg.primary] != "both"):
+        return None
+    if primary["strengths"].get("beta") != 0.0:
+        return None
+    return primary
+
+
 def candidate_windows(loc: Localisation, width: int | None, stride: int) -> list[list[int]]:
     """The localised window, then contiguous windows of ``width`` analysed layers."""
     out = [list(loc.window)]
@@ -287,7 +333,8 @@ def choose_steer_window(model, tokenizer, loc: Localisation, cfg: SteerAppConfig
                                            prompts=prompts, sentences=sentences,
                                            token_sets=sets, kl_budget=cfg.tuning.kl_budget,
                                            lams=scan_lams, betas=scan_betas,
-                                           settings=settings)
+                                           settings=settings,
+                                           stop_over_budget=cfg.tuning.stop_over_budget)
         best = next(p for p in points if p.lam == tuned.lam and p.beta == tuned.beta)
         scan.append({"window": w, "lam": tuned.lam, "beta": tuned.beta,
                      "delta_m": best.delta_m, "kl": best.kl, "within_budget": ok,

@@ -175,3 +175,88 @@ def test_steer_settings_are_checked_at_start():
     with pytest.raises(LocaliseConfigError, match="window_lams"):
         SteerTuningConfig(window_lams=[])
     assert SteerAppConfig(sustain=0.33).sustain == 0.33
+
+
+def test_tuning_stops_a_line_at_its_first_point_over_the_budget(planted):
+    model, tokenizer, sets, direction = planted
+    settings = EvalSettings(max_new_tokens=4, batch_size=4)
+    art = _artifact(direction)
+    full_grid = dict(prompts=PROMPTS, sentences=SENTENCES, token_sets=sets,
+                     lams=[2.0, 0.25, 1.0, 0.0], betas=[0.0], settings=settings)
+    _, every, _ = tune_strengths(model, tokenizer, art, "lam", kl_budget=10.0,
+                                 stop_over_budget=False, **full_grid)
+    kls = {p.lam: p.kl for p in every}
+    assert [p.lam for p in every] == [0.0, 0.25, 1.0, 2.0]  # ascending, whatever the order given
+    assert kls[0.0] < kls[0.25] < kls[1.0] < kls[2.0]
+    budget = (kls[0.25] + kls[1.0]) / 2  # λ = 1 is the first point over it
+    tuned_full, _, _ = tune_strengths(model, tokenizer, art, "lam", kl_budget=budget,
+                                      stop_over_budget=False, **full_grid)
+    tuned, points, ok = tune_strengths(model, tokenizer, art, "lam", kl_budget=budget,
+                                       **full_grid)
+    assert ok and [p.lam for p in points] == [0.0, 0.25, 1.0]  # λ = 2 never measured
+    assert tuned.lam == tuned_full.lam
+    for p in points:  # the measured points are the full grid's
+        assert p.kl == pytest.approx(kls[p.lam], rel=1e-5, abs=1e-7)
+    # "both": each β line stops on its own
+    grid = strength_grid("both", [1.0, 0.5], [1.0, 0.0])
+    assert grid == [(0.5, 0.0), (1.0, 0.0), (0.5, 1.0), (1.0, 1.0)]
+
+
+def test_held_out_text_reuses_the_base_and_matches_plain_sentences(planted):
+    from steering.evaluate import HeldOutText
+
+    model, tokenizer, sets, direction = planted
+    art = _artifact(direction)
+    plain = sentence_scores(model, tokenizer, SENTENCES, art, batch_size=3)
+    text = HeldOutText(model, tokenizer, SENTENCES, batch_size=3)
+    kept = sentence_scores(model, tokenizer, text, art)
+    assert all(b["base"] is not None for b in text.batches)
+    again = sentence_scores(model, tokenizer, text, art.with_strengths(lam=0.5, beta=0.0,
+                                                                       gamma=1.0))
+    for mode in ("gen", "all"):
+        np.testing.assert_allclose(kept.kl[mode], plain.kl[mode], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(kept.nll[mode], plain.nll[mode], rtol=1e-5, atol=1e-7)
+        assert (again.kl[mode] < kept.kl[mode]).all()  # half the push: less KL, same base
+    np.testing.assert_allclose(again.nll_base, plain.nll_base, rtol=1e-6)
+    with pytest.raises(ValueError, match="another model"):
+        sentence_scores(copy.deepcopy(model), tokenizer, text, art)
+
+
+def test_continuation_nll_scores_only_the_kept_columns_correctly(planted):
+    from steering.defaultness import DEFAULT_TEMPLATE
+    from steering.evaluate import continuation_nll
+
+    model, tokenizer, sets, _ = planted
+    settings = EvalSettings(max_new_tokens=7, batch_size=4)
+    gens = generate(model, tokenizer, PROMPTS, None, sets, "es", settings=settings)
+    conts = [ids[:3 + i % 4] for i, ids in enumerate(gens.new_ids)]  # ragged lengths
+    skip = 2
+    got = continuation_nll(model, tokenizer, PROMPTS, conts, skip, batch_size=4)
+    assert len({len(c) for c in conts if len(c) > skip}) >= 2  # ragged rows were scored
+    for p, cont, value in zip(PROMPTS, conts, got):
+        if len(cont) <= skip:
+            assert np.isnan(value)
+            continue
+        ids = tokenizer(DEFAULT_TEMPLATE.format(prompt=p))["input_ids"] + cont
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        cols = range(len(ids) - len(cont) + skip, len(ids))
+        want = -float(np.mean([logp[c - 1, ids[c]].item() for c in cols]))
+        assert value == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_positive_only_ablation_shares_the_primary_only_when_it_tuned_beta_zero():
+    from types import SimpleNamespace
+
+    from steering.pipeline import _same_as_primary
+
+    cfg = SimpleNamespace(primary="foxp2_neurons")
+    beta0 = {"foxp2_neurons": {"strengths": {"lam": 4.0, "beta": 0.0}}}
+    beta1 = {"foxp2_neurons": {"strengths": {"lam": 4.0, "beta": 1.0}}}
+    assert _same_as_primary("foxp2_pos", cfg, beta0) is beta0["foxp2_neurons"]
+    assert _same_as_primary("foxp2_pos", cfg, beta1) is None  # the primary pushes N_en too
+    assert _same_as_primary("foxp2_neg", cfg, beta0) is None
+    assert _same_as_primary("foxp2_pos", cfg, {}) is None  # primary not run (yet)
+    # the primary is a baseline that foxp2_pos does not ablate
+    assert _same_as_primary("foxp2_pos", SimpleNamespace(primary="caa_window"),
+                            {"caa_window": {"strengths": {"lam": 1.0, "beta": 0.0}}}) is None

@@ -129,3 +129,30 @@ def test_gate_criterion_counts_positive_gate_projections(load_tiny):
     assert not torch.allclose(gate.probs, value.probs)
     with pytest.raises(ValueError, match="active"):
         activation_probabilities_from_model(model, tokenizer, texts, active="up")
+
+
+def test_stored_probabilities_are_computed_once_per_key(load_tiny, tmp_path):
+    from steering.lape import stored_activation_probabilities
+
+    model, tokenizer, _ = load_tiny("llama")
+    texts = {lang: load_embedded_corpus(splits=["evaluation"]).texts[lang][:6] for lang in LANGS}
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return activation_probabilities_from_model(model, tokenizer, texts, [0, 2], batch_size=4)
+
+    key = {"model": "tiny", "layers": [0, 2]}
+    first, reused = stored_activation_probabilities(tmp_path / "derived", key, compute)
+    assert not reused and len(calls) == 1
+    again, reused = stored_activation_probabilities(tmp_path / "derived", key, compute)
+    assert reused and len(calls) == 1  # read back, not recomputed
+    torch.testing.assert_close(again.probs, first.probs, rtol=0, atol=0)
+    assert (again.layers, again.languages, again.n_tokens, again.active) == \
+        (first.layers, first.languages, first.n_tokens, first.active)
+    _, reused = stored_activation_probabilities(tmp_path / "derived", {**key, "layers": [0]},
+                                                compute)
+    assert not reused and len(calls) == 2  # another key: computed
+    (tmp_path / "file").write_text("")  # a store that cannot be created: computed, not raised
+    _, reused = stored_activation_probabilities(tmp_path / "file" / "derived", key, compute)
+    assert not reused and len(calls) == 3
