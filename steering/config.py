@@ -317,8 +317,15 @@ class SteerTuningConfig:
     # more KL, so they could not be chosen (steering.evaluate.tune_strengths). False: measure
     # the whole grid.
     stop_over_budget: bool = True
+    # What a method's tuning maximises within the budget: "delta_m" (DESIGN: mean ΔM over the
+    # first T steps) or "default" (a departure: the guarded DEFAULT rate of full-length
+    # generations, ties by ΔM, so a push that loops is not chosen; a full decode per point).
+    # The window scan always ranks by ΔM.
+    objective: str = "delta_m"
 
     def __post_init__(self):
+        _check(self.objective in ("delta_m", "default"),
+               f"tuning.objective={self.objective!r}: use delta_m or default")
         _check(self.kl_budget > 0, f"tuning.kl_budget={self.kl_budget}: must be > 0")
         _check(bool(self.lams) and bool(self.betas), "tuning.lams and tuning.betas: non-empty")
         _check(self.window_width is None or self.window_width >= 1,

@@ -323,10 +323,27 @@ class TuningPoint:
     delta_m: float
     kl: float
     within_budget: bool
+    default: float | None = None  # objective="default" only: the guarded DEFAULT rate
 
     def to_dict(self) -> dict:
-        return {"lam": self.lam, "beta": self.beta, "delta_m": self.delta_m, "kl": self.kl,
-                "within_budget": self.within_budget}
+        out = {"lam": self.lam, "beta": self.beta, "delta_m": self.delta_m, "kl": self.kl,
+               "within_budget": self.within_budget}
+        if self.default is not None:
+            out["default"] = self.default
+        return out
+
+
+TUNING_OBJECTIVES = ("delta_m", "default")
+
+
+def guarded_default(gens: Generations, target: str, identifiers, guards: FluencyGuards
+                    ) -> float:
+    """Fraction of continuations with ΔM > 0, the head identified as ``target`` and every
+    fluency guard passed but the NLL one (it needs the unsteered continuation's NLL)."""
+    js = [judge_continuation(h, f, target, identifiers, guards)
+          for h, f in zip(gens.heads, gens.fulls)]
+    return float(np.mean([dm > 0 and j.is_target_head and j.fluent
+                          for dm, j in zip(gens.delta_m, js)]))
 
 
 def strength_grid(tuned: str, lams: Sequence[float], betas: Sequence[float]
@@ -347,19 +364,28 @@ def tune_strengths(model, tokenizer, artifact: SteeringArtifact, tuned: str, *,
                    prompts: Sequence[str], sentences: Sequence[str] | HeldOutText,
                    token_sets: LanguageTokenSets, kl_budget: float, lams: Sequence[float],
                    betas: Sequence[float], settings: EvalSettings,
-                   stop_over_budget: bool = True
-                   ) -> tuple[SteeringArtifact, list[TuningPoint], bool]:
+                   stop_over_budget: bool = True, objective: str = "delta_m",
+                   identifiers=None) -> tuple[SteeringArtifact, list[TuningPoint], bool]:
     """(λ, β) by maximum mean ΔM on tuning prompts subject to mean KL_gen ≤ ``kl_budget`` on
     tuning target sentences. Returns the tuned artifact, the grid points measured, and whether
     any point met the budget (if none did, the smallest-KL point is taken).
+
+    ``objective="default"`` (a departure from DESIGN's "maximum ΔM"): each point also
+    generates ``settings.max_new_tokens`` tokens and is ranked by :func:`guarded_default`
+    (ties by ΔM), so a push that wins ΔM over the first T steps but then loops is not chosen.
+    It costs a full-length decode per point instead of T steps.
 
     ``stop_over_budget``: along λ at a fixed β (along β for a β-only method) the first point
     over the budget ends that line: the push only grows, and so does its KL (monotone in every
     demo sweep, docs/results.md), so the larger strengths could not be chosen. The smallest
     strength of each line is always measured, so the smallest-KL fallback is unchanged."""
+    if objective not in TUNING_OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: use one of {TUNING_OBJECTIVES}")
     grid = strength_grid(tuned, lams, betas)
     if not grid:
         return artifact, [], True
+    if objective == "default" and identifiers is None:
+        identifiers = identifiers_for(artifact.target, artifact.english)
     points: list[TuningPoint] = []
     over_lines: set[float] = set()  # the β lines (λ lines for β-only) that went over
     for lam, beta in grid:
@@ -370,14 +396,21 @@ def tune_strengths(model, tokenizer, artifact: SteeringArtifact, tuned: str, *,
         kl = sentence_scores(model, tokenizer, sentences, cand, modes=("gen",),
                              batch_size=settings.batch_size).kl["gen"]
         kl_mean = float(np.nanmean(kl))
+        full = objective == "default"
         gens = generate(model, tokenizer, prompts, cand, token_sets, artifact.target,
-                        artifact.english, settings, max_new_tokens=settings.steps)
+                        artifact.english, settings,
+                        max_new_tokens=settings.max_new_tokens if full else settings.steps)
+        default = guarded_default(gens, artifact.target, identifiers, settings.guards) \
+            if full else None
         points.append(TuningPoint(lam, beta, float(gens.delta_m.mean()), kl_mean,
-                                  kl_mean <= kl_budget))
+                                  kl_mean <= kl_budget, default))
         if not points[-1].within_budget:
             over_lines.add(line)
-        log.info("  tune %s λ=%g β=%g: ΔM %+.4f, KL %.4f%s", artifact.method, lam, beta,
-                 points[-1].delta_m, kl_mean, "" if points[-1].within_budget else " (over)")
+        log.info("  tune %s λ=%g β=%g: ΔM %+.4f, KL %.4f%s%s", artifact.method, lam, beta,
+                 points[-1].delta_m, kl_mean, "" if default is None else f", DEFAULT {default:.2f}",
+                 "" if points[-1].within_budget else " (over)")
     ok = [p for p in points if p.within_budget]
-    best = max(ok, key=lambda p: p.delta_m) if ok else min(points, key=lambda p: p.kl)
+    rank = (lambda p: (p.default, p.delta_m)) if objective == "default" \
+        else (lambda p: p.delta_m)
+    best = max(ok, key=rank) if ok else min(points, key=lambda p: p.kl)
     return artifact.with_strengths(lam=best.lam, beta=best.beta, gamma=1.0), points, bool(ok)

@@ -32,8 +32,8 @@ from steering.artifact import SteeringArtifact
 from steering.build import TUNED, Localisation, build_method, residual_mean_differences
 from steering.config import SteerAppConfig
 from steering.evaluate import (EvalSettings, HeldOutText, evaluate_method, generate,
-                               sentence_scores, tune_strengths)
-from steering.judge import identifiers_for, judge_continuation
+                               guarded_default, sentence_scores, tune_strengths)
+from steering.judge import identifiers_for
 from steering.report import write_report
 from steering.token_sets import LanguageTokenSets
 
@@ -219,7 +219,8 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
                                          token_sets=sets, kl_budget=cfg.tuning.kl_budget,
                                          lams=cfg.tuning.lams, betas=cfg.tuning.betas,
                                          settings=settings,
-                                         stop_over_budget=cfg.tuning.stop_over_budget)
+                                         stop_over_budget=cfg.tuning.stop_over_budget,
+                                         objective=cfg.tuning.objective, identifiers=ids)
         art.provenance.update({"tuning": {"kl_budget": cfg.tuning.kl_budget,
                                           "met_budget": ok, "points": [p.to_dict()
                                                                        for p in points]},
@@ -355,10 +356,7 @@ def frontier_points(model, tokenizer, art: SteeringArtifact, gammas, prompts, se
     for g in gammas:
         gens = generate(model, tokenizer, prompts, art, sets, art.target, art.english, settings,
                         gamma=g, max_new_tokens=settings.head_tokens)
-        js = [judge_continuation(h, f, art.target, identifiers, settings.guards)
-              for h, f in zip(gens.heads, gens.fulls)]
-        default = float(np.mean([dm > 0 and j.is_target_head and j.fluent
-                                 for dm, j in zip(gens.delta_m, js)]))
+        default = guarded_default(gens, art.target, identifiers, settings.guards)
         kl = float(np.nanmean(sentence_scores(model, tokenizer, sentences, art, modes=("gen",),
                                               batch_size=settings.batch_size, gamma=g
                                               ).kl["gen"]))

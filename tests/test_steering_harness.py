@@ -168,12 +168,17 @@ def test_gen_mode_follows_the_artifacts_position(planted):
 
 
 def test_steer_settings_are_checked_at_start():
-    from steering.config import LocaliseConfigError, SteerAppConfig, SteerTuningConfig
+    from steering.config import (LocaliseConfigError, SteerAppConfig, SteerEvalConfig,
+                                 SteerTuningConfig)
 
     with pytest.raises(LocaliseConfigError, match="sustain"):
         SteerAppConfig(sustain=1.5)
     with pytest.raises(LocaliseConfigError, match="window_lams"):
         SteerTuningConfig(window_lams=[])
+    with pytest.raises(LocaliseConfigError, match="tuning.objective"):
+        SteerTuningConfig(objective="bleu")
+    with pytest.raises(LocaliseConfigError, match="gen_batch_size"):
+        SteerEvalConfig(gen_batch_size=0)
     assert SteerAppConfig(sustain=0.33).sustain == 0.33
 
 
@@ -260,3 +265,30 @@ def test_positive_only_ablation_shares_the_primary_only_when_it_tuned_beta_zero(
     # the primary is a baseline that foxp2_pos does not ablate
     assert _same_as_primary("foxp2_pos", SimpleNamespace(primary="caa_window"),
                             {"caa_window": {"strengths": {"lam": 1.0, "beta": 0.0}}}) is None
+
+
+def test_default_objective_ranks_by_guarded_default_within_the_budget(planted):
+    from steering.evaluate import guarded_default
+
+    model, tokenizer, sets, direction = planted
+    settings = EvalSettings(max_new_tokens=8, batch_size=4,
+                            guards=FluencyGuards(max_nll_increase=None))
+    art = _artifact(direction)
+    kw = dict(prompts=PROMPTS, sentences=SENTENCES, token_sets=sets, kl_budget=10.0,
+              lams=[0.0, 0.5, 1.0], betas=[0.0], settings=settings)
+    tuned, points, ok = tune_strengths(model, tokenizer, art, "lam", objective="default", **kw)
+    assert ok and all(p.default is not None and 0 <= p.default <= 1 for p in points)
+    best = max(points, key=lambda p: (p.default, p.delta_m))
+    assert tuned.lam == best.lam and "default" in best.to_dict()
+    # each point's DEFAULT is the guarded rate of its own full-length generation
+    for p in points:
+        gens = generate(model, tokenizer, PROMPTS, art.with_strengths(lam=p.lam, beta=0.0,
+                                                                      gamma=1.0),
+                        sets, "es", settings=settings)
+        from steering.judge import identifiers_for
+        assert p.default == pytest.approx(guarded_default(gens, "es", identifiers_for("es"),
+                                                          settings.guards))
+    _, plain, _ = tune_strengths(model, tokenizer, art, "lam", **kw)
+    assert all(p.default is None and "default" not in p.to_dict() for p in plain)
+    with pytest.raises(ValueError, match="objective"):
+        tune_strengths(model, tokenizer, art, "lam", objective="bleu", **kw)
