@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 
 from sae_train.config import ModelConfig, PathsConfig, register_configs
 from steering.defaultness import DEFAULT_TEMPLATE
+from steering.evaluate import TUNING_OBJECTIVES
 from steering.lift import DEFAULT_ALPHAS
 from steering.selectivity import REDUCTIONS
 from steering.spectra import MAX_GAP_INDEX, NULL_KINDS
@@ -324,8 +325,8 @@ class SteerTuningConfig:
     objective: str = "delta_m"
 
     def __post_init__(self):
-        _check(self.objective in ("delta_m", "default"),
-               f"tuning.objective={self.objective!r}: use delta_m or default")
+        _check(self.objective in TUNING_OBJECTIVES,
+               f"tuning.objective={self.objective!r}: use one of {list(TUNING_OBJECTIVES)}")
         _check(self.kl_budget > 0, f"tuning.kl_budget={self.kl_budget}: must be > 0")
         _check(bool(self.lams) and bool(self.betas), "tuning.lams and tuning.betas: non-empty")
         _check(self.window_width is None or self.window_width >= 1,

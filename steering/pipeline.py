@@ -182,14 +182,15 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
                 log.info("%s: reused %s", method, done)
                 continue
         t0 = time.perf_counter()
+        art = build_method(method, loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
+                           position=cfg.position, decode_steps=cfg.decode_steps,
+                           sustain=cfg.sustain,
+                           caa_means=caa_means, window=window,
+                           ablation_of=_ablation_of(cfg))
         same = _same_as_primary(method, cfg, methods)
         if same is not None:
             # proven identical: the primary tuned β = 0, so this λ-only ablation walks the
             # same λ line, picks the same λ and evaluates the same edit
-            art = build_method(method, loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
-                               position=cfg.position, decode_steps=cfg.decode_steps,
-                               sustain=cfg.sustain, caa_means=caa_means, window=window,
-                               ablation_of=_ablation_of(cfg))
             art = art.with_strengths(lam=same["strengths"]["lam"], beta=0.0, gamma=1.0)
             points = [p for p in same["tuning"] if p["beta"] == 0.0]
             art.provenance.update({"tuning": {"kl_budget": cfg.tuning.kl_budget,
@@ -209,11 +210,6 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
             done.write_text(json.dumps({"key": key, "result": result}, default=str))
             log.info("%s: identical to %s (its tuned β = 0); result shared", method, cfg.primary)
             continue
-        art = build_method(method, loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
-                           position=cfg.position, decode_steps=cfg.decode_steps,
-                           sustain=cfg.sustain,
-                           caa_means=caa_means, window=window,
-                           ablation_of=_ablation_of(cfg))
         art, points, ok = tune_strengths(model, tokenizer, art, TUNED[method],
                                          prompts=tune_prompts, sentences=tune_sents,
                                          token_sets=sets, kl_budget=cfg.tuning.kl_budget,
@@ -284,7 +280,7 @@ def _same_as_primary(method: str, cfg: SteerAppConfig, methods: dict) -> dict | 
     point), pick the same λ and evaluate the same edit, so the result is the primary's."""
     primary = methods.get(cfg.primary)
     if (method != "foxp2_pos" or primary is None or _ablation_of(cfg) != cfg.primary
-            or TUNED[method] != "lam" or TUNED[cfg.primary] != "both"):
+            or TUNED[cfg.primary] != "both"):
         return None
     if primary["strengths"].get("beta") != 0.0:
         return None
