@@ -19,7 +19,8 @@ Methods (``METHODS``), all in the localised window W unless stated:
                    over λ only).
 ``foxp2_neg``      the same with λ = 0 (tuned over β only).
 ``caa_layer``      residual mean difference (target − English sentence means, discovery pairs)
-                   added at the single layer with the largest single-layer causal gain.
+                   added at one layer: the one with the largest single-layer causal gain, or
+                   the one the steer stage's layer scan picks on the tuning split.
 ``caa_window``     the same at every window layer, each divided by |W|.
 ``lape``           neuron mode on LAPE's language-specific neurons of the window layers (target
                    and English sets), same push and English term as ``foxp2_neurons``.
@@ -180,10 +181,13 @@ def build_method(method: str, loc: Localisation, *, cache_dir: str | Path | None
                  window: Sequence[int] | None = None, seed: int = 0,
                  position: str = "prompt_end", decode_steps: int = 4, sustain: float = 0.0,
                  caa_means: dict[int, Tensor] | None = None,
-                 saturating: bool = True, ablation_of: str = "foxp2") -> SteeringArtifact:
+                 saturating: bool = True, ablation_of: str = "foxp2",
+                 caa_layer: int | None = None) -> SteeringArtifact:
     """The artifact of ``method`` (see the module docstring) at λ = β = 1.
     ``ablation_of``: which FOXP2 mode ``foxp2_pos`` / ``foxp2_neg`` ablate (``foxp2`` or
-    ``foxp2_neurons``; the evaluation passes its primary method)."""
+    ``foxp2_neurons``; the evaluation passes its primary method). ``caa_layer``: the layer of
+    ``caa_layer`` (None: the localisation's best single-layer causal gain; the steer stage
+    can choose it on the tuning split, ``tuning.caa_layer_stride``)."""
     if ablation_of not in ("foxp2", "foxp2_neurons"):
         raise BuildError(f"ablation_of={ablation_of!r}: use foxp2 or foxp2_neurons")
     if method not in METHODS:
@@ -247,7 +251,13 @@ def build_method(method: str, loc: Localisation, *, cache_dir: str | Path | None
                                      saturating))
         details["sizes_from"] = "foxp2_neurons"
     elif method in ("caa_layer", "caa_window"):
-        layers = [loc.best_causal_layer()] if method == "caa_layer" else window
+        if method == "caa_layer":
+            layers = [loc.best_causal_layer() if caa_layer is None else int(caa_layer)]
+            if layers[0] not in loc.layers:
+                raise BuildError(f"caa_layer={layers[0]} was not analysed by the localisation "
+                                 f"(analysed: {loc.layers})")
+        else:
+            layers = window
         if caa_means is None or not set(layers) <= set(caa_means):
             if cache_dir is None:
                 raise BuildError(f"{method} needs the activation cache (cache_dir)")

@@ -314,6 +314,12 @@ class SteerTuningConfig:
     # window costs one tuning point per λ, so a short grid keeps the scan cheap; the chosen
     # window is then tuned on the full grid like every method.
     window_lams: Optional[list[float]] = None
+    # caa_layer's layer. Null: the localisation's best single-layer causal gain (a feature
+    # push's gain, not CAA's). k: CAA is tuned (lams, same budget and objective) at the
+    # analysed layers 0, k, 2k, … and at that layer, and the best layer wins (max objective
+    # within the budget, else the smallest KL), so the single-layer baseline is as tuned as
+    # the window methods.
+    caa_layer_stride: Optional[int] = None
     # End a λ line (fixed β) at its first point over the budget: larger strengths only cost
     # more KL, so they could not be chosen (steering.evaluate.tune_strengths). False: measure
     # the whole grid.
@@ -332,6 +338,8 @@ class SteerTuningConfig:
         _check(self.window_width is None or self.window_width >= 1,
                f"tuning.window_width={self.window_width}: ≥ 1 or null")
         _check(self.window_stride >= 1, f"tuning.window_stride={self.window_stride}: ≥ 1")
+        _check(self.caa_layer_stride is None or self.caa_layer_stride >= 1,
+               f"tuning.caa_layer_stride={self.caa_layer_stride}: ≥ 1 or null")
         _check(self.window_lams is None or len(self.window_lams) > 0,
                "tuning.window_lams=[] scans nothing; give λ values or null")
 
@@ -347,6 +355,13 @@ class SteerEvalConfig:
     batch_size: int = 16  # rows per full-vocabulary forward (held-out text, continuation NLL)
     gen_batch_size: int = 64  # rows per greedy decode (cheap in memory; big batches amortise)
     n_boot: int = 2000
+    # The NLL fluency guard compares a steered continuation's NLL under the unsteered model
+    # with the unsteered (English) continuation's. True (a stated departure from a plain
+    # comparison): the allowance is raised by the language offset, the unsteered model's mean
+    # NLL/token on the held-out target sentences minus that on their English counterparts
+    # (demo model: es +0.42, hi +1.02), so fluent target text is not failed for being in the
+    # target language. False: no offset.
+    nll_guard_language_offset: bool = True
 
     def __post_init__(self):
         _check(self.batch_size >= 1 and self.gen_batch_size >= 1,

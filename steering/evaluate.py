@@ -16,7 +16,11 @@ Each continuation is judged by :func:`steering.judge.judge_continuation`:
   *unsteered* model, over the tokens after the first steered ones (the prompt-end token and
   up to ``NLL_GUARD_MAX_SKIP`` = 4 decode steps), at most 1.0 nat/token above that of the
   unsteered continuation (the head's switch of language is expensive for the base model by
-  definition, so those tokens are left out).
+  definition, so those tokens are left out) plus the language offset when the caller gives
+  one (:func:`language_nll_offset`: the unsteered model's NLL/token on held-out target text
+  minus English text; the steer stage does by default, a stated departure: without it, fluent
+  Hindi, +1.02 nats/token over English on this model's held-out sentences, would fail a
+  1.0 guard for being Hindi).
 - full-continuation and first-line language-ID rates (same guards); leakage to confusable
   languages (Portuguese/Italian/Catalan/Galician for Spanish, Marathi/Nepali/Urdu for Hindi).
 
@@ -271,9 +275,11 @@ def evaluate_method(model, tokenizer, artifact: SteeringArtifact | None, *, targ
                     english: str, prompts: Sequence[str], sentences: Sequence[str],
                     token_sets: LanguageTokenSets, settings: EvalSettings,
                     reference: Generations | None = None, reference_nll: np.ndarray | None = None,
-                    identifiers=None, gamma: float | None = None) -> tuple[dict, Generations]:
+                    identifiers=None, gamma: float | None = None, nll_offset: float = 0.0
+                    ) -> tuple[dict, Generations]:
     """Every metric of one method (module docstring). ``reference``: the unsteered
-    generations (their continuation NLL is the fluency guard's baseline)."""
+    generations (their continuation NLL is the fluency guard's baseline). ``nll_offset``
+    (nats/token) is added to that baseline in the guard only (:func:`language_nll_offset`)."""
     started = time.perf_counter()
     ids = identifiers or identifiers_for(target, english)
     gens = generate(model, tokenizer, prompts, artifact, token_sets, target, english, settings,
@@ -285,10 +291,11 @@ def evaluate_method(model, tokenizer, artifact: SteeringArtifact | None, *, targ
         reference_nll = nll_cont
     judgements = [judge_continuation(h, f, target, ids, settings.guards,
                                      nll_steered=None if math.isnan(a) else float(a),
-                                     nll_base=None if math.isnan(b) else float(b))
+                                     nll_base=None if math.isnan(b) else float(b) + nll_offset)
                   for h, f, a, b in zip(gens.heads, gens.fulls, nll_cont, reference_nll)]
     default = np.array([float(dm > 0 and j.is_target_head and j.fluent)
                         for dm, j in zip(gens.delta_m, judgements)])
+    failures = default_failures(gens.delta_m, judgements, target, settings.guards)
     scores = sentence_scores(model, tokenizer, sentences, artifact,
                              batch_size=settings.batch_size, gamma=gamma)
     ci = lambda v: bootstrap_ci(v, n_boot=settings.n_boot, seed=settings.seed)  # noqa: E731
@@ -298,11 +305,13 @@ def evaluate_method(model, tokenizer, artifact: SteeringArtifact | None, *, targ
         "delta_m": ci(gens.delta_m),
         "delta_m_gain": ci(gens.delta_m - reference.delta_m) if reference is not None
         else ci(np.zeros_like(gens.delta_m)),
+        "default_failures": failures,
         "lid_head": text["is_target_head"], "lid_full": text["is_target_full"],
         "lid_first_line": text["is_target_first_line"], "fluent": text["fluent"],
         "looping": text["looping"], "leak": text["leak"], "leak_counts": text["leak_counts"],
         "script_fraction": text["script_fraction"], "distinct2": text["distinct2"],
         "continuation_nll_increase": ci(nll_cont - reference_nll),
+        "nll_guard_offset": float(nll_offset),
         "kl_gen": ci(scores.kl["gen"]), "kl_all": ci(scores.kl["all"]),
         "nll_change_gen": ci(scores.nll["gen"] - scores.nll_base),
         "nll_change_all": ci(scores.nll["all"] - scores.nll_base),
@@ -313,6 +322,38 @@ def evaluate_method(model, tokenizer, artifact: SteeringArtifact | None, *, targ
                      for p, h, f, d in list(zip(prompts, gens.heads, gens.fulls, default))[:8]],
     }
     return metrics, gens
+
+
+def language_nll_offset(model, tokenizer, target_text: Sequence[str] | HeldOutText,
+                        english_text: Sequence[str] | HeldOutText, batch_size: int = 16
+                        ) -> float:
+    """Mean NLL/token of held-out target text minus that of English text, both under the
+    unsteered model: how much more a fluent target-language text costs it than English (the
+    NLL guard's language allowance, ``evaluation.nll_guard_language_offset``)."""
+    nll = [float(np.nanmean(sentence_scores(model, tokenizer, text, None, modes=(),
+                                            batch_size=batch_size).nll_base))
+           for text in (target_text, english_text)]
+    return nll[0] - nll[1]
+
+
+FAILURE_REASONS = ("delta_m", "language", "looping", "script", "nll", "letters")
+
+
+def default_failures(delta_m: np.ndarray, judgements, target: str,
+                     guards: FluencyGuards) -> dict[str, float]:
+    """Why continuations miss DEFAULT: the fraction of all continuations that fail each
+    condition (not exclusive; a looping English answer counts under both): ``delta_m``
+    (ΔM ≤ 0), ``language`` (the head is not identified as ``target`` at the confidence
+    floor, guards aside) and each fluency guard (:func:`steering.judge.failed_guards`)."""
+    n = max(len(judgements), 1)
+    counts = dict.fromkeys(FAILURE_REASONS, 0)
+    for dm, j in zip(delta_m, judgements):
+        counts["delta_m"] += int(not dm > 0)
+        counts["language"] += int(not (j.lang_head == target
+                                       and j.head_confidence >= guards.min_confidence))
+        for name in j.failed_guards:
+            counts[name] += 1
+    return {k: v / n for k, v in counts.items()}
 
 
 # --------------------------------------------------------------------------- tuning
@@ -409,8 +450,22 @@ def tune_strengths(model, tokenizer, artifact: SteeringArtifact, tuned: str, *,
         log.info("  tune %s λ=%g β=%g: ΔM %+.4f, KL %.4f%s%s", artifact.method, lam, beta,
                  points[-1].delta_m, kl_mean, "" if default is None else f", DEFAULT {default:.2f}",
                  "" if points[-1].within_budget else " (over)")
+    best, ok = best_point(points, objective)
+    return artifact.with_strengths(lam=best.lam, beta=best.beta, gamma=1.0), points, ok
+
+
+def tuning_rank(objective: str):
+    """The key a tuning point is ranked by within the budget (higher is better)."""
+    if objective == "default":
+        return lambda p: (p.default, p.delta_m)
+    return lambda p: p.delta_m
+
+
+def best_point(points: Sequence[TuningPoint], objective: str = "delta_m"
+               ) -> tuple[TuningPoint, bool]:
+    """The best point by ``objective`` among those within the budget, else the smallest-KL
+    one; and whether any point met the budget."""
     ok = [p for p in points if p.within_budget]
-    rank = (lambda p: (p.default, p.delta_m)) if objective == "default" \
-        else (lambda p: p.delta_m)
-    best = max(ok, key=rank) if ok else min(points, key=lambda p: p.kl)
-    return artifact.with_strengths(lam=best.lam, beta=best.beta, gamma=1.0), points, bool(ok)
+    if ok:
+        return max(ok, key=tuning_rank(objective)), True
+    return min(points, key=lambda p: p.kl), False

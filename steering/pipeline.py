@@ -31,8 +31,9 @@ from sae_train.corpora.embedded import load_embedded_prompts
 from steering.artifact import SteeringArtifact
 from steering.build import TUNED, Localisation, build_method, residual_mean_differences
 from steering.config import SteerAppConfig
-from steering.evaluate import (EvalSettings, HeldOutText, evaluate_method, generate,
-                               guarded_default, sentence_scores, tune_strengths)
+from steering.evaluate import (EvalSettings, HeldOutText, TuningPoint, best_point,
+                               evaluate_method, generate, guarded_default, language_nll_offset,
+                               sentence_scores, tune_strengths)
 from steering.judge import identifiers_for
 from steering.report import write_report
 from steering.token_sets import LanguageTokenSets
@@ -138,10 +139,18 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
     # every method and tuning point
     tune_sents, eval_sents, fr_sents = (HeldOutText(model, tokenizer, s, ev.batch_size)
                                         for s in (tune_sents, eval_sents, fr_sents))
+    nll_offset = 0.0
+    if ev.nll_guard_language_offset:
+        english_sents = _subset(split_sentences(cfg.cache_dir, cfg.english, "evaluation"),
+                                ev.n_sentences, cfg.seed)
+        nll_offset = language_nll_offset(model, tokenizer, eval_sents, english_sents,
+                                         ev.batch_size)
+        log.info("NLL guard: language offset %+.3f nats/token (%s − %s, unsteered)",
+                 nll_offset, cfg.target, cfg.english)
 
     caa_means = None
     if {"caa_layer", "caa_window"} & set(cfg.methods):
-        layers = sorted(set(loc.window) | {loc.best_causal_layer()})
+        layers = sorted(set(loc.window) | set(caa_candidate_layers(loc, cfg)))
         caa_means = residual_mean_differences(cfg.cache_dir, layers, cfg.target, cfg.english)
 
     base_key = {"model": info.to_dict(), "localise": loc.summary.get("provenance", {})
@@ -210,27 +219,37 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
             done.write_text(json.dumps({"key": key, "result": result}, default=str))
             log.info("%s: identical to %s (its tuned β = 0); result shared", method, cfg.primary)
             continue
-        art, points, ok = tune_strengths(model, tokenizer, art, TUNED[method],
-                                         prompts=tune_prompts, sentences=tune_sents,
-                                         token_sets=sets, kl_budget=cfg.tuning.kl_budget,
-                                         lams=cfg.tuning.lams, betas=cfg.tuning.betas,
-                                         settings=settings,
-                                         stop_over_budget=cfg.tuning.stop_over_budget,
-                                         objective=cfg.tuning.objective, identifiers=ids)
+        layer_scan = None
+        if method == "caa_layer" and cfg.tuning.caa_layer_stride is not None:
+            art, points, ok, layer_scan = tune_caa_layer(model, tokenizer, loc, cfg,
+                                                         tune_prompts, tune_sents, sets,
+                                                         settings, caa_means, ids)
+        else:
+            art, points, ok = tune_strengths(model, tokenizer, art, TUNED[method],
+                                             prompts=tune_prompts, sentences=tune_sents,
+                                             token_sets=sets, kl_budget=cfg.tuning.kl_budget,
+                                             lams=cfg.tuning.lams, betas=cfg.tuning.betas,
+                                             settings=settings,
+                                             stop_over_budget=cfg.tuning.stop_over_budget,
+                                             objective=cfg.tuning.objective, identifiers=ids)
         art.provenance.update({"tuning": {"kl_budget": cfg.tuning.kl_budget,
                                           "met_budget": ok, "points": [p.to_dict()
-                                                                       for p in points]},
+                                                                       for p in points],
+                                          **({"layer_scan": layer_scan} if layer_scan else {})},
                                "model": info.to_dict()})
         art.save(art_dir)
         metrics, _ = evaluate_method(model, tokenizer, art, target=cfg.target,
                                      english=cfg.english, prompts=eval_prompts,
                                      sentences=eval_sents, token_sets=sets, settings=settings,
-                                     reference=ref_gens, reference_nll=ref_nll, identifiers=ids)
+                                     reference=ref_gens, reference_nll=ref_nll, identifiers=ids,
+                                     nll_offset=nll_offset)
         strengths = {} if TUNED[method] == "none" else {"lam": art.lam, "beta": art.beta}
         result = {"metrics": metrics, "strengths": strengths,
                   "tuning": [p.to_dict() for p in points], "tuning_met_budget": ok,
                   "artifact": str(art_dir), "describe": art.describe(),
                   "seconds": time.perf_counter() - t0}
+        if layer_scan is not None:
+            result["layer_scan"] = layer_scan
         if method in fr.methods:
             result["frontier"] = frontier_points(model, tokenizer, art, fr.gammas, fr_prompts,
                                                  fr_sents, sets, settings, ids)
@@ -255,6 +274,7 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
         "target": cfg.target, "english": cfg.english, "model": info.name,
         "window": window, "localised_window": loc.window, "window_scan": window_scan,
         "primary": cfg.primary, "kl_budget": cfg.tuning.kl_budget,
+        "nll_guard_offset": nll_offset,
         "n_prompts": len(eval_prompts), "n_sentences": len(eval_sents),
         "methods": methods, "frontier": frontier, "bars": bars, "findings": findings,
         "layer_gains": {l: r.get("causal_gain") for l, r in loc.summary["layers"].items()},
@@ -285,6 +305,50 @@ def _same_as_primary(method: str, cfg: SteerAppConfig, methods: dict) -> dict | 
     if primary["strengths"].get("beta") != 0.0:
         return None
     return primary
+
+
+def caa_candidate_layers(loc: Localisation, cfg: SteerAppConfig) -> list[int]:
+    """caa_layer's candidate layers: every ``tuning.caa_layer_stride``-th analysed layer and
+    the localisation's best causal layer (that one alone when the stride is null)."""
+    best = loc.best_causal_layer()
+    stride = cfg.tuning.caa_layer_stride
+    if stride is None:
+        return [best]
+    return sorted(set(sorted(loc.layers)[::stride]) | {best})
+
+
+def tune_caa_layer(model, tokenizer, loc: Localisation, cfg: SteerAppConfig, prompts,
+                   sentences, sets, settings: EvalSettings, caa_means, identifiers
+                   ) -> tuple[SteeringArtifact, list[TuningPoint], bool, list[dict]]:
+    """caa_layer tuned (λ grid, same budget and objective as every method) at each candidate
+    layer; the layer whose tuned point ranks best wins, by the rule within one layer
+    (:func:`steering.evaluate.best_point`). Returns its artifact, its points, whether it met
+    the budget, and the scan (one row per layer)."""
+    tuned_layers = []
+    for layer in caa_candidate_layers(loc, cfg):
+        art = build_method("caa_layer", loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
+                           position=cfg.position, decode_steps=cfg.decode_steps,
+                           sustain=cfg.sustain, caa_means=caa_means, caa_layer=layer)
+        art, points, ok = tune_strengths(model, tokenizer, art, TUNED["caa_layer"],
+                                         prompts=prompts, sentences=sentences,
+                                         token_sets=sets, kl_budget=cfg.tuning.kl_budget,
+                                         lams=cfg.tuning.lams, betas=cfg.tuning.betas,
+                                         settings=settings,
+                                         stop_over_budget=cfg.tuning.stop_over_budget,
+                                         objective=cfg.tuning.objective,
+                                         identifiers=identifiers)
+        chosen = next(p for p in points if p.lam == art.lam and p.beta == art.beta)
+        tuned_layers.append((layer, art, points, ok, chosen))
+        log.info("caa_layer at layer %d: best λ=%g ΔM %+.4f KL %.4f%s", layer, art.lam,
+                 chosen.delta_m, chosen.kl, "" if ok else " (budget not met)")
+    # a layer that met no budget has its smallest-KL point, itself over the budget
+    best, _ = best_point([row[4] for row in tuned_layers], cfg.tuning.objective)
+    layer, art, points, ok, _ = next(row for row in tuned_layers if row[4] is best)
+    scan = [{"layer": l, **c.to_dict(), "within_budget": o, "chosen": l == layer}
+            for l, _, _, o, c in tuned_layers]
+    log.info("caa_layer: layer %d (localisation's best causal layer: %d)", layer,
+             loc.best_causal_layer())
+    return art, points, ok, scan
 
 
 def candidate_windows(loc: Localisation, width: int | None, stride: int) -> list[list[int]]:

@@ -29,14 +29,31 @@ def _cell(ci: dict, fmt: str) -> str:
     return text
 
 
+def _objective(report: dict) -> str:
+    objective = report.get("settings", {}).get("tuning", {}).get("objective", "delta_m")
+    return "guarded DEFAULT (ties by ΔM)" if objective == "default" else "ΔM"
+
+
+def _guard_line(report: dict) -> str:
+    limit = report.get("settings", {}).get("guards", {}).get("max_nll_increase")
+    if limit is None:
+        return ""
+    offset = report.get("nll_guard_offset") or 0.0
+    return (f" NLL guard: a continuation may cost the unsteered model at most {limit:g} "
+            f"{'+ the language offset ' + format(offset, '+.2f') + ' ' if offset else ''}"
+            "nats/token more than the unsteered continuation.")
+
+
 def markdown(report: dict) -> str:
     t = report["target"]
     lines = [f"# Steering report: English → {t} on {report.get('model', '?')}", "",
              f"Evaluation split: {report['n_prompts']} neutral English prompts, "
              f"{report['n_sentences']} held-out {t} sentences; 95% bootstrap CIs in brackets. "
-             f"Tuning: max ΔM with KL_gen ≤ {report['kl_budget']} nats/token on the tuning split. "
+             f"Tuning: max {_objective(report)} with KL_gen ≤ {report['kl_budget']} nats/token "
+             "on the tuning split. "
              "`gen` = steered as in generation (prompt end + first decode steps; a sentence's "
-             "first token stands for the prompt end), `all` = every position steered.", "",
+             "first token stands for the prompt end), `all` = every position steered."
+             + _guard_line(report), "",
              "| method | λ | β | " + " | ".join(c[1] for c in COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(COLUMNS)]
     for name, m in report["methods"].items():
@@ -44,6 +61,7 @@ def markdown(report: dict) -> str:
         cells = [_cell(m["metrics"].get(k, {}), fmt) for k, _, fmt in COLUMNS]
         lines.append(f"| {name} | {s.get('lam', '–')} | {s.get('beta', '–')} | "
                      + " | ".join(cells) + " |")
+    lines += _failure_table(report) + _scan_tables(report)
     bars = report.get("bars")
     if bars:
         lines += ["", "## Bars", ""]
@@ -69,6 +87,47 @@ def markdown(report: dict) -> str:
     if report.get("findings"):
         lines += ["## Findings", ""] + [f"- {f}" for f in report["findings"]]
     return "\n".join(lines) + "\n"
+
+
+def _failure_table(report: dict) -> list[str]:
+    """Why each method's continuations miss DEFAULT (steering.evaluate.default_failures)."""
+    rows = {name: m["metrics"]["default_failures"] for name, m in report["methods"].items()
+            if m["metrics"].get("default_failures")}
+    if not rows:
+        return []
+    reasons = list(next(iter(rows.values())))
+    out = ["", "## Where DEFAULT fails", "",
+           "Fraction of the evaluation prompts failing each condition (not exclusive): "
+           "`delta_m` ΔM ≤ 0, `language` first 16 tokens not identified as the target, then "
+           "the fluency guards (steering/judge.py states the thresholds).", "",
+           "| method | DEFAULT | " + " | ".join(reasons) + " |", "|---|---|" + "---|" * len(reasons)]
+    for name, f in rows.items():
+        d = report["methods"][name]["metrics"]["default"]["mean"]
+        out.append(f"| {name} | {d:.2f} | " + " | ".join(f"{f[r]:.2f}" for r in reasons) + " |")
+    return out
+
+
+def _scan_tables(report: dict) -> list[str]:
+    """The window scan and caa_layer's layer scan (tuning split)."""
+    out = []
+    scan = report.get("window_scan") or []
+    if scan:
+        out += ["", "## Window scan (primary method, tuning split)", "",
+                "| window | λ | β | ΔM | KL gen | within budget | |", "|---|---|---|---|---|---|---|"]
+        for r in scan:
+            mark = "chosen" if r["window"] == report.get("window") else \
+                ("localised" if r.get("localised") else "")
+            out.append(f"| {r['window']} | {r['lam']} | {r['beta']} | {r['delta_m']:+.3f} | "
+                       f"{r['kl']:.3f} | {'yes' if r['within_budget'] else 'no'} | {mark} |")
+    layer_scan = report["methods"].get("caa_layer", {}).get("layer_scan") or []
+    if layer_scan:
+        out += ["", "## caa_layer's layer scan (tuning split)", "",
+                "| layer | λ | ΔM | KL gen | within budget | |", "|---|---|---|---|---|---|"]
+        for r in layer_scan:
+            out.append(f"| {r['layer']} | {r['lam']} | {r['delta_m']:+.3f} | {r['kl']:.3f} | "
+                       f"{'yes' if r['within_budget'] else 'no'} | "
+                       f"{'chosen' if r['chosen'] else ''} |")
+    return out
 
 
 def plots(report: dict, folder: Path) -> dict[str, str]:
@@ -136,6 +195,27 @@ def plots(report: dict, folder: Path) -> dict[str, str]:
     fig.savefig(p, dpi=120)
     plt.close(fig)
     out["default_by_method"] = str(p)
+    failures = {n: m["metrics"]["default_failures"] for n, m in methods.items()
+                if m["metrics"].get("default_failures")}
+    if failures:
+        reasons = [r for r in next(iter(failures.values()))
+                   if any(f[r] > 0 for f in failures.values())] or ["delta_m"]
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        width = 0.8 / len(reasons)
+        for i, r in enumerate(reasons):
+            ax.bar([j + i * width for j in range(len(failures))],
+                   [f[r] for f in failures.values()], width, label=r)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(failures))], list(failures),
+                      rotation=40, ha="right", fontsize=8)
+        ax.set_ylabel("fraction of prompts failing")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"Why DEFAULT fails ({report['target']}; not exclusive)")
+        ax.legend(fontsize=7, ncol=len(reasons))
+        fig.tight_layout()
+        p = folder / "default_failures.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        out["default_failures"] = str(p)
     return out
 
 

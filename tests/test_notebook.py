@@ -114,12 +114,30 @@ def test_demo_report_fields_plots_and_artifacts(tiny_demo_run, foxp2_cache_root,
                                                           report["window_scan"]]
     # the scan ran the short grid (tuning.window_lams=[4.0] at β = 0)
     assert all(r["lam"] == 4.0 and r["beta"] == 0.0 for r in report["window_scan"])
+    # caa_layer's layer was scanned (tuning.caa_layer_stride=2): one row per candidate, the
+    # chosen row is the artifact's layer and strength
+    caa = report["methods"]["caa_layer"]
+    scan = caa["layer_scan"]
+    assert len(scan) >= 2 and sum(r["chosen"] for r in scan) == 1
+    chosen = next(r for r in scan if r["chosen"])
+    assert caa["describe"]["window"] == [chosen["layer"]]
+    assert caa["strengths"]["lam"] == chosen["lam"]
+    # why DEFAULT fails: rates, and no method has more DEFAULT than any condition allows
+    for name, m in report["methods"].items():
+        failures = m["metrics"]["default_failures"]
+        assert set(failures) == {"delta_m", "language", "looping", "script", "nll", "letters"}
+        for reason, rate in failures.items():
+            assert 0 <= rate <= 1 and m["metrics"]["default"]["mean"] + rate <= 1 + 1e-9, \
+                (name, reason)
     assert {b["metric"] for b in report["bars"]} == {"default", "nll_change_gen"}
-    for name in ("frontier", "default_vs_gamma", "layer_gains", "default_by_method"):
+    for name in ("frontier", "default_vs_gamma", "layer_gains", "default_by_method",
+                 "default_failures"):
         png = tiny_demo_run / "steer-es" / "report" / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     md = (tiny_demo_run / "steer-es" / "report" / "report.md").read_text()
     assert "| foxp2 |" in md and "DEFAULT" in md
+    assert "## Where DEFAULT fails" in md and "## caa_layer's layer scan" in md
+    assert "## Window scan" in md
     assert list((tiny_demo_run / "steer-es").glob("wandb/offline-run-*"))
 
     # foxp2-generate on the artifact, in a fresh process

@@ -147,6 +147,12 @@ def test_candidate_windows_and_bars():
     assert candidate_windows(loc, None, 3) == [[15, 16, 17]]
     loc = SimpleNamespace(window=[1, 2], layers=[0, 1, 2, 3])
     assert candidate_windows(loc, 2, 1) == [[1, 2], [0, 1], [2, 3]]
+    from steering.pipeline import caa_candidate_layers
+
+    loc = SimpleNamespace(layers=list(range(18)), best_causal_layer=lambda: 15)
+    stride = lambda k: SimpleNamespace(tuning=SimpleNamespace(caa_layer_stride=k))  # noqa: E731
+    assert caa_candidate_layers(loc, stride(None)) == [15]
+    assert caa_candidate_layers(loc, stride(4)) == [0, 4, 8, 12, 15, 16]
     ok = {"default": {"mean": 0.96}, "nll_change_gen": {"mean": 0.01}}
     bars = _check_bars("es", ok, "foxp2")
     assert [b["met"] for b in bars] == [True, True] and len(bars) == len(BARS["es"])
@@ -179,6 +185,8 @@ def test_steer_settings_are_checked_at_start():
         SteerTuningConfig(objective="bleu")
     with pytest.raises(LocaliseConfigError, match="gen_batch_size"):
         SteerEvalConfig(gen_batch_size=0)
+    with pytest.raises(LocaliseConfigError, match="caa_layer_stride"):
+        SteerTuningConfig(caa_layer_stride=0)
     assert SteerAppConfig(sustain=0.33).sustain == 0.33
 
 
@@ -292,3 +300,68 @@ def test_default_objective_ranks_by_guarded_default_within_the_budget(planted):
     assert all(p.default is None and "default" not in p.to_dict() for p in plain)
     with pytest.raises(ValueError, match="objective"):
         tune_strengths(model, tokenizer, art, "lam", objective="bleu", **kw)
+
+
+def test_default_failures_count_each_condition_a_continuation_misses():
+    from steering.evaluate import default_failures
+    from steering.judge import identifiers_for, judge_continuation
+
+    ids = identifiers_for("es")
+    guards = FluencyGuards()
+    texts = ["El agua del mar es salada y la casa tiene un jardín grande.",  # passes
+             "The water of the sea is salty and the house has a large garden.",  # English
+             "de la de la de la de la de la de la de la de la",  # looping
+             "La casa tiene un jardín grande y el agua del mar es salada."]  # ΔM ≤ 0 below
+    judgements = [judge_continuation(t, t, "es", ids, guards) for t in texts]
+    rates = default_failures(np.array([0.3, 0.2, 0.4, -0.1]), judgements, "es", guards)
+    assert rates["delta_m"] == pytest.approx(0.25)  # the last one
+    assert rates["language"] == pytest.approx(0.25)  # the English one (looping text is "es")
+    assert rates["looping"] == pytest.approx(0.25)
+    assert rates["script"] == rates["nll"] == rates["letters"] == 0
+    # the only continuation that fails nothing is the only DEFAULT one
+    default = [dm > 0 and j.is_target_head and j.fluent
+               for dm, j in zip([0.3, 0.2, 0.4, -0.1], judgements)]
+    assert default == [True, False, False, False]
+
+
+def test_best_point_prefers_the_objective_within_the_budget_else_the_smallest_kl():
+    from steering.evaluate import TuningPoint, best_point
+
+    a = TuningPoint(1.0, 0.0, delta_m=0.1, kl=0.2, within_budget=True, default=0.5)
+    b = TuningPoint(2.0, 0.0, delta_m=0.3, kl=0.4, within_budget=True, default=0.2)
+    c = TuningPoint(4.0, 0.0, delta_m=0.9, kl=0.9, within_budget=False, default=0.9)
+    assert best_point([a, b, c]) == (b, True)
+    assert best_point([a, b, c], "default") == (a, True)
+    over = TuningPoint(8.0, 0.0, delta_m=1.0, kl=1.5, within_budget=False)
+    assert best_point([over, c]) == (c, False)
+
+
+def test_nll_guard_language_offset_raises_only_the_guards_allowance(planted):
+    from steering.evaluate import HeldOutText, language_nll_offset
+
+    model, tokenizer, sets, direction = planted
+    english = ["The water of the sea is salty.", "I like to read books at night.",
+               "The house has a big garden.", "It is very hot in the city today."]
+    offset = language_nll_offset(model, tokenizer, HeldOutText(model, tokenizer, SENTENCES),
+                                 english)
+    direct = [float(np.mean(sentence_scores(model, tokenizer, text, None, modes=()).nll_base))
+              for text in (SENTENCES, english)]
+    assert offset == pytest.approx(direct[0] - direct[1], abs=1e-6)
+
+    # a guard that allows no NLL increase fails continuations; a large offset passes them
+    settings = EvalSettings(max_new_tokens=8, batch_size=4, n_boot=50,
+                            guards=FluencyGuards(max_nll_increase=0.0))
+    art = _artifact(direction)
+    base = generate(model, tokenizer, PROMPTS, None, sets, "es", settings=settings)
+    from steering.evaluate import continuation_nll, nll_guard_skip
+
+    ref_nll = continuation_nll(model, tokenizer, PROMPTS, base.new_ids,
+                               nll_guard_skip(art.decode_steps), settings.template, 4)
+    kw = dict(target="es", english="en", prompts=PROMPTS, sentences=SENTENCES, token_sets=sets,
+              settings=settings, reference=base, reference_nll=ref_nll)
+    tight, _ = evaluate_method(model, tokenizer, art, **kw)
+    loose, _ = evaluate_method(model, tokenizer, art, nll_offset=1e6, **kw)
+    assert tight["default_failures"]["nll"] > 0 and loose["default_failures"]["nll"] == 0
+    assert loose["nll_guard_offset"] == 1e6 and tight["nll_guard_offset"] == 0
+    # the offset touches the guard only, not the reported continuation NLL increase
+    assert loose["continuation_nll_increase"] == tight["continuation_nll_increase"]
