@@ -218,7 +218,8 @@ for target in TARGETS:
 #
 # * **DEFAULT** — the share of prompts whose greedy continuation is in the target language
 #   *and* passes the fluency guards (no looping, no English leak, right script, …). This is
-#   the headline number: "does the model now answer in *t* by default?"
+#   the headline number: "does the model now answer in *t* by default?" The table after
+#   the bars says which condition the other prompts fail.
 # * **KL gen / ΔNLL gen** — the cost: KL to the unsteered next-token distribution and the
 #   increase of NLL of held-out target-language sentences, measured with the steering applied
 #   **as in generation** (prompt end + the first decode steps). The `all` variants steer every
@@ -249,6 +250,13 @@ for target in TARGETS:
     for bar in rep.get("bars", []):
         print(f"  {'MET    ' if bar['met'] else 'NOT MET'}  {bar['text']}")
     print("findings:", *(rep.get("findings") or ["(none)"]), sep="\n  ")
+    failures = {n: m["metrics"]["default_failures"] for n, m in rep["methods"].items()
+                if m.get("metrics", {}).get("default_failures")}
+    if failures:
+        reasons = list(next(iter(failures.values())))
+        print("\nwhy DEFAULT fails (fraction of prompts failing each condition):")
+        print_table(["method", *reasons],
+                    [[n, *(fmt(f[r], 2) for r in reasons)] for n, f in failures.items()])
     print()
 
 # %% [markdown]
@@ -259,7 +267,8 @@ for target in TARGETS:
 for target in TARGETS:
     plots = RUN / f"steer-{target}" / "report" / "plots"
     print(f"=== target {target}")
-    for name in ("frontier", "default_by_method", "default_vs_gamma", "layer_gains"):
+    for name in ("frontier", "default_by_method", "default_failures", "default_vs_gamma",
+                 "layer_gains"):
         show(plots / f"{name}.png")
 
 # %% [markdown]
