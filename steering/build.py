@@ -24,7 +24,8 @@ Methods (``METHODS``), all in the localised window W unless stated:
 ``caa_window``     the same at every window layer, each divided by |W|.
 ``lape``           neuron mode on LAPE's language-specific neurons of the window layers (target
                    and English sets), same push and English term as ``foxp2_neurons``.
-``random``         neuron mode on random neurons, the traced sizes per layer (seeded).
+``random``         neuron mode on random neurons, the traced sizes per layer (seeded), the push
+                   (their own μ^act_t − μ^act_en) rescaled to foxp2_neurons' norm per layer.
 ``prompting``      no edit; the prompt asks for the language ("Answer in Spanish.").
 ``none``           no edit (the unsteered model; evaluated once, it is the reference).
 """
@@ -247,9 +248,20 @@ def build_method(method: str, loc: Localisation, *, cache_dir: str | Path | None
             n_t = loc.t(layer, "target_neurons").numel()
             n_en = loc.t(layer, "english_neurons").numel()
             perm = torch.randperm(n_neurons, generator=g)
-            edits.append(neuron_edit(loc, layer, perm[:n_t], perm[n_t:n_t + n_en],
-                                     saturating))
+            edit = neuron_edit(loc, layer, perm[:n_t], perm[n_t:n_t + n_en], saturating)
+            # the push rescaled to FOXP2's norm at this layer (the gate's delta with it, so
+            # it saturates at the push's own size as FOXP2's does): a control for "which
+            # neurons", not for "how hard"
+            traced = neuron_edit(loc, layer, loc.t(layer, "target_neurons"),
+                                 loc.t(layer, "english_neurons")).add
+            scale = float(traced.norm()) / max(float(edit.add.norm()), 1e-12) \
+                if edit.add.numel() else 1.0
+            edit.add = edit.add * scale
+            if edit.gate_delta is not None:
+                edit.gate_delta = edit.gate_delta * scale
+            edits.append(edit)
         details["sizes_from"] = "foxp2_neurons"
+        details["push_norm_from"] = "foxp2_neurons"
     elif method in ("caa_layer", "caa_window"):
         if method == "caa_layer":
             layers = [loc.best_causal_layer() if caa_layer is None else int(caa_layer)]

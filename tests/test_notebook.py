@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -156,3 +157,19 @@ def test_demo_report_fields_plots_and_artifacts(tiny_demo_run, foxp2_cache_root,
         env=_env(foxp2_cache_root), cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-4000:]
     assert again.stdout.count("skipped") >= 4
+
+
+def test_random_control_matches_foxp2s_push_norm_on_other_neurons(tiny_demo_run):
+    from steering.build import Localisation, build_method
+
+    loc = Localisation(tiny_demo_run / "localise-es")
+    window = [l for l in loc.window if loc.t(l, "target_neurons").numel()]
+    assert window, "the tiny run traced no neurons in its window"
+    foxp2 = build_method("foxp2_neurons", loc, window=window)
+    random = build_method("random", loc, window=window, seed=0)
+    for f, r in zip(foxp2.edits, random.edits):
+        assert r.add.numel() == f.add.numel() and r.remove_index.numel() == f.remove_index.numel()
+        assert float(r.add.norm()) == pytest.approx(float(f.add.norm()), rel=1e-5)
+        assert set(r.add_index.tolist()) != set(f.add_index.tolist())
+        # the gate saturates at the push's own size, as FOXP2's does (gate_delta = add)
+        assert torch.allclose(r.gate_delta, r.add) and torch.allclose(f.gate_delta, f.add)
