@@ -208,9 +208,10 @@ def plots(report: dict, folder: Path) -> dict[str, str]:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(failures))], list(failures),
                       rotation=40, ha="right", fontsize=8)
         ax.set_ylabel("fraction of prompts failing")
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.3)  # headroom: the legend sits above the bars
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.set_title(f"Why DEFAULT fails ({report['target']}; not exclusive)")
-        ax.legend(fontsize=7, ncol=len(reasons))
+        ax.legend(fontsize=7, ncol=len(reasons), loc="upper center")
         fig.tight_layout()
         p = folder / "default_failures.png"
         fig.savefig(p, dpi=120)
