@@ -226,7 +226,10 @@ for target in TARGETS:
 #   position — a stricter, pessimistic view; `gen` is what a user of the artifact experiences.
 #
 # 95% bootstrap confidence intervals in brackets. `none` is the unsteered model, `prompting`
-# an instruction prefix; `caa_*`, `lape`, `random` are baselines.
+# an instruction prefix; `caa_*`, `lape`, `random` are baselines. `native` is a reference, not
+# a steer: the unsteered model asked the same questions in the target language, judged the
+# same way. Its DEFAULT is the most the guards allow this model, so read every other row
+# against it.
 
 # %%
 def steer_report(target):

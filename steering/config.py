@@ -362,8 +362,19 @@ class SteerEvalConfig:
     # (demo model: es +0.42, hi +1.02), so fluent target text is not failed for being in the
     # target language. False: no offset.
     nll_guard_language_offset: bool = True
+    # The "native" reference row (steering.native): the unsteered model asked in the target
+    # language (translated prompt and template), scored like every method: the DEFAULT the
+    # guards allow this model. Not a baseline and not in the frontier. Prompts without a
+    # translation are left out of that row (its n_prompts says how many it scored).
+    native_reference: bool = True
+    # Its template, with {prompt} (null: the built-in one of the target, steering.native;
+    # a target without one gets no native row).
+    native_template: Optional[str] = None
 
     def __post_init__(self):
+        _check(self.native_template is None or "{prompt}" in self.native_template,
+               f"evaluation.native_template={self.native_template!r}: it must contain "
+               "'{prompt}' (or be null: the built-in template of the target)")
         _check(self.batch_size >= 1 and self.gen_batch_size >= 1,
                f"evaluation.batch_size={self.batch_size}, evaluation.gen_batch_size="
                f"{self.gen_batch_size}: both must be ≥ 1")

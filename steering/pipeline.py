@@ -35,6 +35,7 @@ from steering.evaluate import (EvalSettings, HeldOutText, TuningPoint, best_poin
                                evaluate_method, generate, guarded_default, language_nll_offset,
                                sentence_scores, tune_strengths)
 from steering.judge import identifiers_for
+from steering.native import native_prompts, native_template
 from steering.report import write_report
 from steering.token_sets import LanguageTokenSets
 
@@ -124,8 +125,8 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
                            cfg.tuning.n_prompts, cfg.seed)
     tune_sents = _subset(split_sentences(cfg.cache_dir, cfg.target, "tuning"),
                          cfg.tuning.n_sentences, cfg.seed)
-    eval_prompts = _subset([p.text for p in load_embedded_prompts(["evaluation"])],
-                           ev.n_prompts, cfg.seed)
+    eval_prompt_rows = _subset(load_embedded_prompts(["evaluation"]), ev.n_prompts, cfg.seed)
+    eval_prompts = [p.text for p in eval_prompt_rows]
     eval_sents = _subset(split_sentences(cfg.cache_dir, cfg.target, "evaluation"),
                          ev.n_sentences, cfg.seed)
     fr = cfg.frontier
@@ -155,7 +156,7 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
 
     base_key = {"model": info.to_dict(), "localise": loc.summary.get("provenance", {})
                 .get("created"), "window": loc.window, "settings": dataclasses.asdict(settings),
-                "tuning": dataclasses.asdict(cfg.tuning), "eval": dataclasses.asdict(ev),
+                "tuning": dataclasses.asdict(cfg.tuning), "eval": _method_eval_key(ev),
                 "frontier": dataclasses.asdict(fr), "position": cfg.position,
                 "decode_steps": cfg.decode_steps, "sustain": cfg.sustain, "seed": cfg.seed,
                 "primary": cfg.primary}
@@ -175,6 +176,11 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
     methods: dict[str, dict] = {"none": {"metrics": ref_metrics, "strengths": {}, "tuning": []}}
     log.info("none: DEFAULT %.2f, ΔM %+.3f", ref_metrics["default"]["mean"],
              ref_metrics["delta_m"]["mean"])
+    if ev.native_reference:
+        native = native_reference(model, tokenizer, cfg, eval_prompt_rows, eval_sents, sets,
+                                  settings, ids)
+        if native is not None:
+            methods["native"] = native
 
     window, window_scan = choose_steer_window(model, tokenizer, loc, cfg, tune_prompts,
                                               tune_sents, sets, settings, caa_means, work,
@@ -292,6 +298,43 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
         log.info("bar %s: %s", "MET" if b["met"] else "NOT MET", b["text"])
     log.info("done in %.0f s → %s", report["runtime_seconds"], files["md"])
     return {**report, "files": files}
+
+
+def _method_eval_key(ev) -> dict:
+    """The evaluation settings a method's stored result depends on (the native reference's
+    keys do not: changing them must not re-run every method)."""
+    key = dataclasses.asdict(ev)
+    for name in ("native_reference", "native_template"):
+        key.pop(name, None)
+    return key
+
+
+def native_reference(model, tokenizer, cfg: SteerAppConfig, prompts, sentences, sets,
+                     settings: EvalSettings, identifiers) -> dict | None:
+    """The "native" row (steering.native): the unsteered model asked the evaluation prompts
+    in the target language, scored like every method; None (with a warning) when the target
+    has no template or no translated prompts."""
+    template = native_template(cfg.target, cfg.evaluation.native_template)
+    if template is None:
+        log.warning("native reference skipped: no built-in %s template; set "
+                    "evaluation.native_template", cfg.target)
+        return None
+    texts, kept = native_prompts(prompts, cfg.target)
+    if not texts:
+        log.warning("native reference skipped: no %s translation of any evaluation prompt",
+                    cfg.target)
+        return None
+    t0 = time.perf_counter()
+    metrics, _ = evaluate_method(model, tokenizer, None, target=cfg.target, english=cfg.english,
+                                 prompts=texts, sentences=sentences, token_sets=sets,
+                                 settings=dataclasses.replace(settings, template=template),
+                                 identifiers=identifiers)
+    log.info("native (the unsteered model asked in %s, %d prompts): DEFAULT %.2f, looping %.2f",
+             cfg.target, len(texts), metrics["default"]["mean"], metrics["looping"]["mean"])
+    return {"metrics": metrics, "strengths": {}, "tuning": [], "template": template,
+            "prompt_ids": kept, "seconds": time.perf_counter() - t0,
+            "reference": f"the unsteered model asked in {cfg.target} (translated prompt and "
+                         "template), judged like every method"}
 
 
 def _same_as_primary(method: str, cfg: SteerAppConfig, methods: dict) -> dict | None:

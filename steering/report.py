@@ -61,12 +61,19 @@ def markdown(report: dict) -> str:
         cells = [_cell(m["metrics"].get(k, {}), fmt) for k, _, fmt in COLUMNS]
         lines.append(f"| {name} | {s.get('lam', '–')} | {s.get('beta', '–')} | "
                      + " | ".join(cells) + " |")
+    native = report["methods"].get("native")
+    if native:
+        lines += ["", f"`native` is a reference, not a steer: {native.get('reference', '')}; "
+                  f"{native['metrics']['n_prompts']} of the {report['n_prompts']} evaluation "
+                  "prompts have a translation. Its DEFAULT is the most the guards allow this "
+                  "model under greedy decoding."]
     lines += _failure_table(report) + _scan_tables(report)
     bars = report.get("bars")
     if bars:
         lines += ["", "## Bars", ""]
         for b in bars:
             lines.append(f"- {'MET' if b['met'] else 'NOT MET'}: {b['text']}")
+        lines += _native_bar_lines(report)
     frontier = report.get("frontier")
     if frontier:
         lines += ["", "## KL–DEFAULT frontier (γ sweep on the frontier subset)", "",
@@ -87,6 +94,29 @@ def markdown(report: dict) -> str:
     if report.get("findings"):
         lines += ["## Findings", ""] + [f"- {f}" for f in report["findings"]]
     return "\n".join(lines) + "\n"
+
+
+def native_ceiling(report: dict) -> dict | None:
+    """The native reference's DEFAULT (mean, low, high), or None without that row."""
+    native = report["methods"].get("native")
+    return native["metrics"]["default"] if native else None
+
+
+def _native_bar_lines(report: dict) -> list[str]:
+    """Each DEFAULT bar set against what the model does when asked in the target language."""
+    ceiling = native_ceiling(report)
+    if ceiling is None:
+        return []
+    out = []
+    for b in report.get("bars", []):
+        if b["metric"] != "default":
+            continue
+        where = "above" if b["bound"] > ceiling["high"] else \
+            ("within the CI of" if b["bound"] >= ceiling["low"] else "below")
+        out.append(f"- Reference: asked in {report['target']}, the unsteered model reaches "
+                   f"DEFAULT {ceiling['mean']:.2f} [{ceiling['low']:.2f}, {ceiling['high']:.2f}]"
+                   f"; the bar {b['bound']:g} is {where} that ceiling.")
+    return out
 
 
 def _failure_table(report: dict) -> list[str]:
@@ -143,6 +173,10 @@ def plots(report: dict, folder: Path) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, pts in frontier.items():
             ax.plot([p["kl"] for p in pts], [p["default"] for p in pts], "o-", label=name)
+        ceiling = native_ceiling(report)
+        if ceiling is not None:
+            ax.axhline(ceiling["mean"], color="tab:gray", ls="--", lw=1,
+                       label=f"native (asked in {report['target']})")
         ax.set_xlabel("KL(steered ‖ base), nats/token (gen positions)")
         ax.set_ylabel("DEFAULT rate")
         ax.set_title(f"KL–DEFAULT frontier ({report['target']})")
@@ -185,7 +219,13 @@ def plots(report: dict, folder: Path) -> dict[str, str]:
     vals = [methods[n]["metrics"]["default"]["mean"] for n in names]
     err = [[v - methods[n]["metrics"]["default"]["low"] for n, v in zip(names, vals)],
            [methods[n]["metrics"]["default"]["high"] - v for n, v in zip(names, vals)]]
-    ax.bar(range(len(names)), vals, yerr=err, capsize=3)
+    ax.bar(range(len(names)), vals, yerr=err, capsize=3,
+           color=["tab:gray" if n == "native" else "tab:blue" for n in names])
+    ceiling = native_ceiling(report)
+    if ceiling is not None:
+        ax.axhline(ceiling["mean"], color="tab:gray", ls="--", lw=1,
+                   label=f"native: asked in {report['target']}")
+        ax.legend(fontsize=7, loc="upper right")
     ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("DEFAULT (95% CI)")
     ax.set_ylim(0, 1.05)

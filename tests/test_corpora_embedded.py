@@ -77,3 +77,20 @@ def test_corpus_errors_are_clear():
         check_documents([Document(0, "hello there", "en", "train")])
     with pytest.raises(CorpusError, match="data.kind='wiki' is not one of"):
         load_documents(DataConfig(kind="wiki"))
+
+
+def test_every_evaluation_prompt_has_spanish_and_hindi_translations():
+    from sae_train.corpora.embedded import load_prompt_translations
+
+    evaluation = {p.id: p.text for p in load_embedded_prompts(["evaluation"])}
+    es, hi = load_prompt_translations("es"), load_prompt_translations("hi")
+    assert set(es) == set(hi) == set(evaluation)
+    assert load_prompt_translations("fr") == {}
+    for pid, text in es.items():
+        assert text != evaluation[pid] and not DEVANAGARI.search(text), (pid, text)
+        assert 2 <= len(text.split()) <= 3 * len(evaluation[pid].split()), (pid, text)
+    for pid, text in hi.items():
+        letters = [c for c in text if c.isalpha()]
+        assert not re.search(r"[A-Za-z]", text), (pid, text)
+        assert sum(bool(DEVANAGARI.match(c)) for c in letters) / len(letters) > 0.9, (pid, text)
+    assert len(set(es.values())) == len(es) and len(set(hi.values())) == len(hi)

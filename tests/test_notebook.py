@@ -90,7 +90,7 @@ def test_demo_report_fields_plots_and_artifacts(tiny_demo_run, foxp2_cache_root,
     assert [s["stage"] for s in summary["stages"]] == ["cache", "train", "localise-es",
                                                        "steer-es"]
     report = json.loads((tiny_demo_run / "steer-es" / "report" / "report.json").read_text())
-    expected = {"none", *SteerAppConfig().methods}
+    expected = {"none", "native", *SteerAppConfig().methods}
     assert set(report["methods"]) == expected
     rates = ("default", "lid_head", "lid_full", "lid_first_line", "fluent", "looping", "leak")
     for name, m in report["methods"].items():
@@ -104,13 +104,21 @@ def test_demo_report_fields_plots_and_artifacts(tiny_demo_run, foxp2_cache_root,
         for key in ("nll_change_gen", "nll_change_all", "delta_m_gain"):
             assert math.isfinite(metrics[key]["mean"]), (name, key)
         assert metrics["n_prompts"] == 12 and metrics["n_sentences"] == 12
-        if name not in ("none", "prompting"):
+        if name not in ("none", "native", "prompting"):
             art = SteeringArtifact.load(tiny_demo_run / "steer-es" / "artifacts" / name)
             assert art.window and all(l in report["window"] or name == "caa_layer"
                                       for l in art.window)
             assert art.provenance["tuning"]["points"], name
             assert art.sustain == pytest.approx(0.33), name  # conf/demo_tiny.yaml
     assert report["methods"]["none"]["metrics"]["kl_gen"]["mean"] == pytest.approx(0, abs=1e-9)
+    # the native reference: the same prompts asked in Spanish, unsteered (so KL 0)
+    from sae_train.corpora.embedded import load_prompt_translations
+
+    native = report["methods"]["native"]
+    translations = set(load_prompt_translations("es").values())
+    assert native["template"].startswith("Pregunta:") and len(native["prompt_ids"]) == 12
+    assert all(e["prompt"] in translations for e in native["metrics"]["examples"])
+    assert native["metrics"]["kl_gen"]["mean"] == pytest.approx(0, abs=1e-9)
     assert report["window_scan"] and report["window"] in [r["window"] for r in
                                                           report["window_scan"]]
     # the scan ran the short grid (tuning.window_lams=[4.0] at β = 0)
@@ -138,6 +146,8 @@ def test_demo_report_fields_plots_and_artifacts(tiny_demo_run, foxp2_cache_root,
     md = (tiny_demo_run / "steer-es" / "report" / "report.md").read_text()
     assert "| foxp2 |" in md and "DEFAULT" in md
     assert "## Where DEFAULT fails" in md and "## caa_layer's layer scan" in md
+    assert "`native` is a reference, not a steer" in md
+    assert "- Reference: asked in es, the unsteered model reaches DEFAULT" in md
     assert "## Window scan" in md
     assert list((tiny_demo_run / "steer-es").glob("wandb/offline-run-*"))
 

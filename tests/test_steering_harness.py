@@ -365,3 +365,46 @@ def test_nll_guard_language_offset_raises_only_the_guards_allowance(planted):
     assert loose["nll_guard_offset"] == 1e6 and tight["nll_guard_offset"] == 0
     # the offset touches the guard only, not the reported continuation NLL increase
     assert loose["continuation_nll_increase"] == tight["continuation_nll_increase"]
+
+
+def test_native_reference_templates_prompts_and_the_ceiling_line():
+    from sae_train.corpora.embedded import load_embedded_prompts
+    from steering.config import SteerEvalConfig
+    from steering.native import NativeReferenceError, native_prompts, native_template
+    from steering.pipeline import _method_eval_key
+    from steering.report import _native_bar_lines, markdown
+
+    assert native_template("es") == "Pregunta: {prompt}\nRespuesta:"
+    assert native_template("hi").startswith("प्रश्न: {prompt}")
+    assert native_template("fr") is None
+    assert native_template("fr", "Question : {prompt}\nRéponse :").startswith("Question")
+    with pytest.raises(NativeReferenceError, match="prompt"):
+        native_template("es", "Pregunta sin hueco")
+    with pytest.raises(ValueError, match="native_template"):
+        SteerEvalConfig(native_template="no slot")
+
+    # translated in the prompts' order; prompts without a translation are left out
+    rows = load_embedded_prompts(["evaluation"])[:5]
+    tuning = load_embedded_prompts(["tuning"])[:2]
+    texts, ids = native_prompts([rows[0], tuning[0], *rows[1:], tuning[1]], "es")
+    assert ids == [p.id for p in rows] and len(texts) == 5
+    assert all(t != p.text for t, p in zip(texts, rows))
+    assert native_prompts(rows, "fr") == ([], [])
+    # the native settings are not part of a method's stored-result key
+    assert _method_eval_key(SteerEvalConfig(native_reference=False)) == \
+        _method_eval_key(SteerEvalConfig(native_template="P: {prompt}\nR:"))
+
+    def report(low, mean, high, bound):
+        ci = {"mean": mean, "low": low, "high": high}
+        metrics = {"default": ci, "n_prompts": 4, "default_failures": {}}
+        return {"target": "es", "n_prompts": 4, "n_sentences": 4, "kl_budget": 0.5,
+                "methods": {"native": {"metrics": metrics, "reference": "asked in es"}},
+                "bars": [{"metric": "default", "bound": bound, "met": False, "text": "x"},
+                         {"metric": "nll_change_gen", "bound": 0.05, "met": True, "text": "y"}]}
+
+    assert "is above that ceiling" in _native_bar_lines(report(0.7, 0.8, 0.9, 0.95))[0]
+    assert "within the CI of" in _native_bar_lines(report(0.7, 0.8, 0.9, 0.85))[0]
+    assert "is below" in _native_bar_lines(report(0.7, 0.8, 0.9, 0.5))[0]
+    assert len(_native_bar_lines(report(0.7, 0.8, 0.9, 0.95))) == 1  # DEFAULT bars only
+    md = markdown(report(0.7, 0.8, 0.9, 0.95))
+    assert "`native` is a reference, not a steer" in md and "DEFAULT 0.80 [0.70, 0.90]" in md

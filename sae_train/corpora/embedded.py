@@ -3,7 +3,9 @@
 Written for this project (original sentences, released with the code under its license):
 ``data/parallel_*.jsonl`` holds English sentences with Spanish and Hindi (Devanagari) translations
 over 15 everyday topics, each pair with a fixed split; ``data/prompts_*.jsonl`` holds neutral
-English prompts ("Explain how rain forms."), also split. Split rule (fixed, by index within a
+English prompts ("Explain how rain forms."), also split; ``data/prompt_translations.jsonl``
+holds Spanish and Hindi translations of every evaluation prompt (the steering harness's
+"native" reference: the unsteered model asked in the target language). Split rule (fixed, by index within a
 topic): sentences 3:1:1 discovery/tuning/evaluation; prompts 2:1:2.
 """
 
@@ -70,6 +72,17 @@ def load_embedded_prompts(splits: list[str] | None = None) -> list[Prompt]:
     prompts = [Prompt(r["id"], r["text"], r["split"], r.get("topic", ""))
                for r in _read_jsonl("prompts_")]
     return [p for p in prompts if splits is None or p.split in splits]
+
+
+@lru_cache(maxsize=1)
+def _translation_rows() -> tuple[dict, ...]:
+    return tuple(_read_jsonl("prompt_translations"))
+
+
+def load_prompt_translations(language: str) -> dict[str, str]:
+    """Prompt id → the prompt translated into ``language`` (the evaluation prompts; empty
+    for a language without translations)."""
+    return {r["id"]: r[language] for r in _translation_rows() if r.get(language)}
 
 
 def embedded_documents(languages: list[str] | None = None, splits: list[str] | None = None,

@@ -144,6 +144,8 @@ def run_demo(cfg) -> dict:
                                      "window": r["window"], "primary": r["primary"],
                                      "default": p["default"]["mean"],
                                      "nll_change_gen": p["nll_change_gen"]["mean"],
+                                     "native_default": r["methods"].get("native", {})
+                                     .get("metrics", {}).get("default", {}).get("mean"),
                                      "bars": r.get("bars", [])}
     (base / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print("\n[foxp2-demo] stage           seconds")
@@ -153,7 +155,9 @@ def run_demo(cfg) -> dict:
     print(f"[foxp2-demo] total           {total:8.1f}")
     for t, r in summary["reports"].items():
         print(f"[foxp2-demo] {t}: window {r['window']}, {r['primary']} DEFAULT "
-              f"{r['default']:.2f}, ΔNLL(gen) {r['nll_change_gen']:+.3f} → {r['report']}")
+              f"{r['default']:.2f}, ΔNLL(gen) {r['nll_change_gen']:+.3f}"
+              + ("" if r["native_default"] is None
+                 else f" (asked in {t}: {r['native_default']:.2f})") + f" → {r['report']}")
     return summary
 
 
