@@ -370,8 +370,14 @@ class SteerEvalConfig:
     # Its template, with {prompt} (null: the built-in one of the target, steering.native;
     # a target without one gets no native row).
     native_template: Optional[str] = None
+    # Greedy decoding of every continuation (tuning included) with this repetition penalty,
+    # as generate(do_sample=False, repetition_penalty=...) applies it; 1: plain greedy
+    # (DESIGN's protocol). A sensitivity knob: a small base model loops under plain greedy.
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
+        _check(self.repetition_penalty > 0,
+               f"evaluation.repetition_penalty={self.repetition_penalty}: must be > 0 (1: off)")
         _check(self.native_template is None or "{prompt}" in self.native_template,
                f"evaluation.native_template={self.native_template!r}: it must contain "
                "'{prompt}' (or be null: the built-in template of the target)")

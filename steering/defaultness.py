@@ -91,13 +91,20 @@ def _returned_cache(output):
 
 @torch.inference_mode()
 def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           set_ids: Sequence[torch.Tensor], steps: int
+                           set_ids: Sequence[torch.Tensor], steps: int,
+                           repetition_penalty: float = 1.0
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy-decode ``steps`` tokens from a left-padded batch with the KV cache.
 
     Returns (masses ``(len(set_ids), batch, steps)``, tokens ``(batch, steps)``); masses[k]
-    sums the float32 softmax over ``set_ids[k]`` at each step.
+    sums the float32 softmax over ``set_ids[k]`` at each step. ``repetition_penalty`` ≠ 1
+    picks each token as ``generate(do_sample=False, repetition_penalty=...)`` does (every
+    token already in the row, prompt included, has its logit divided by the penalty, or
+    multiplied when negative); the masses stay the model's own distribution.
     """
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty}: must be > 0 (1: off)")
+    seen = input_ids.clone() if repetition_penalty != 1.0 else None
     device = input_ids.device
     masses = torch.zeros(len(set_ids), input_ids.shape[0], steps, dtype=torch.float32)
     tokens = torch.zeros(input_ids.shape[0], steps, dtype=torch.long)
@@ -113,7 +120,11 @@ def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch
         probs = logits.softmax(-1)
         for k, ids in enumerate(set_ids):
             masses[k, :, step] = probs.index_select(-1, ids).sum(-1).cpu()
-        chosen = logits.argmax(-1)
+        if seen is None:
+            chosen = logits.argmax(-1)
+        else:
+            chosen = penalise_repeats(logits, seen, repetition_penalty).argmax(-1)
+            seen = torch.cat([seen, chosen[:, None]], 1)
         tokens[:, step] = chosen.cpu()
         if step == steps - 1:
             break
@@ -123,6 +134,14 @@ def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch
                     position_ids=position_ids, use_cache=True, logits_to_keep=1,
                     **{_cache_keyword(model): _returned_cache(out)})
     return masses, tokens
+
+
+def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """``logits`` (batch, vocab) with every id in ``seen`` (batch, n) penalised (CTRL's rule,
+    the one ``transformers`` applies for ``repetition_penalty``)."""
+    score = logits.gather(1, seen)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(1, seen, score)
 
 
 def defaultness(model, tokenizer, prompts: Sequence, token_sets: LanguageTokenSets,

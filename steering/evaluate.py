@@ -79,6 +79,8 @@ class EvalSettings:
     # take half the time of three batches of 16 (docs/results.md, "Demo wall time").
     gen_batch_size: int = 64
     template: str = DEFAULT_TEMPLATE
+    # Greedy decoding with this repetition penalty (1: plain greedy, DESIGN's protocol).
+    repetition_penalty: float = 1.0
     n_boot: int = 2000
     seed: int = 0
     guards: FluencyGuards = field(default_factory=FluencyGuards)
@@ -124,7 +126,8 @@ def generate(model, tokenizer, prompts: Sequence[str], artifact: SteeringArtifac
         ids, attn = left_pad(encoded[start:start + settings.gen_batch_size], _pad_id(tokenizer))
         with _context(model, artifact, gamma):
             masses, tokens = greedy_language_masses(model, ids.to(device), attn.to(device),
-                                                    set_ids, n_new)
+                                                    set_ids, n_new,
+                                                    settings.repetition_penalty)
         dm.append((masses[0, :, :settings.steps] - masses[1, :, :settings.steps]).mean(-1))
         for row in tokens.tolist():
             cut = next((i for i, t in enumerate(row) if t in eos), len(row))

@@ -120,7 +120,8 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
     ev = cfg.evaluation
     settings = EvalSettings(steps=ev.steps, max_new_tokens=ev.max_new_tokens,
                             batch_size=ev.batch_size, gen_batch_size=ev.gen_batch_size,
-                            n_boot=ev.n_boot, seed=cfg.seed)
+                            n_boot=ev.n_boot, seed=cfg.seed,
+                            repetition_penalty=ev.repetition_penalty)
     tune_prompts = _subset([p.text for p in load_embedded_prompts(["tuning"])],
                            cfg.tuning.n_prompts, cfg.seed)
     tune_sents = _subset(split_sentences(cfg.cache_dir, cfg.target, "tuning"),
@@ -155,7 +156,7 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
         caa_means = residual_mean_differences(cfg.cache_dir, layers, cfg.target, cfg.english)
 
     base_key = {"model": info.to_dict(), "localise": loc.summary.get("provenance", {})
-                .get("created"), "window": loc.window, "settings": dataclasses.asdict(settings),
+                .get("created"), "window": loc.window, "settings": _without_defaults(dataclasses.asdict(settings)),
                 "tuning": dataclasses.asdict(cfg.tuning), "eval": _method_eval_key(ev),
                 "frontier": dataclasses.asdict(fr), "position": cfg.position,
                 "decode_steps": cfg.decode_steps, "sustain": cfg.sustain, "seed": cfg.seed,
@@ -303,10 +304,20 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
 def _method_eval_key(ev) -> dict:
     """The evaluation settings a method's stored result depends on (the native reference's
     keys do not: changing them must not re-run every method)."""
-    key = dataclasses.asdict(ev)
+    key = _without_defaults(dataclasses.asdict(ev))
     for name in ("native_reference", "native_template"):
         key.pop(name, None)
     return key
+
+
+# Settings added after results were first stored, with the value that reproduces the old
+# behaviour: left out of a result's key at that value, so stored results stay valid.
+_KEY_DEFAULTS = {"repetition_penalty": 1.0}
+
+
+def _without_defaults(key: dict) -> dict:
+    return {k: v for k, v in key.items()
+            if not (k in _KEY_DEFAULTS and v == _KEY_DEFAULTS[k])}
 
 
 def native_reference(model, tokenizer, cfg: SteerAppConfig, prompts, sentences, sets,

@@ -44,6 +44,12 @@ def _guard_line(report: dict) -> str:
             "nats/token more than the unsteered continuation.")
 
 
+def _decoding_line(report: dict) -> str:
+    penalty = report.get("settings", {}).get("evaluation", {}).get("repetition_penalty", 1.0)
+    return " Decoding: greedy." if penalty == 1.0 else \
+        f" Decoding: greedy with repetition penalty {penalty:g} (a departure from plain greedy)."
+
+
 def markdown(report: dict) -> str:
     t = report["target"]
     lines = [f"# Steering report: English → {t} on {report.get('model', '?')}", "",
@@ -53,7 +59,7 @@ def markdown(report: dict) -> str:
              "on the tuning split. "
              "`gen` = steered as in generation (prompt end + first decode steps; a sentence's "
              "first token stands for the prompt end), `all` = every position steered."
-             + _guard_line(report), "",
+             + _guard_line(report) + _decoding_line(report), "",
              "| method | λ | β | " + " | ".join(c[1] for c in COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(COLUMNS)]
     for name, m in report["methods"].items():
@@ -225,6 +231,10 @@ def plots(report: dict, folder: Path) -> dict[str, str]:
     if ceiling is not None:
         ax.axhline(ceiling["mean"], color="tab:gray", ls="--", lw=1,
                    label=f"native: asked in {report['target']}")
+    for b in report.get("bars") or []:
+        if b["metric"] == "default":
+            ax.axhline(b["bound"], color="tab:red", ls=":", lw=1, label=f"bar {b['bound']:g}")
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper right")
     ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("DEFAULT (95% CI)")

@@ -155,7 +155,8 @@ def test_demo_report_fields_plots_and_artifacts(tiny_demo_run, foxp2_cache_root,
     gen = subprocess.run(
         [sys.executable, "-c", "from steering.apps.generate_app import main; main()",
          "model=tiny_llama", f"artifact={tiny_demo_run / 'steer-es' / 'artifacts' / 'foxp2'}",
-         "max_new_tokens=6", f"paths.root={tiny_demo_run}", 'prompts=["Hi.","Why?"]'],
+         "max_new_tokens=6", f"paths.root={tiny_demo_run}", 'prompts=["Hi.","Why?"]',
+         "repetition_penalty=1.3"],
         env=_env(foxp2_cache_root), cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr[-4000:]
     assert gen.stdout.count("--- steered (foxp2 → es") == 2

@@ -408,3 +408,42 @@ def test_native_reference_templates_prompts_and_the_ceiling_line():
     assert len(_native_bar_lines(report(0.7, 0.8, 0.9, 0.95))) == 1  # DEFAULT bars only
     md = markdown(report(0.7, 0.8, 0.9, 0.95))
     assert "`native` is a reference, not a steer" in md and "DEFAULT 0.80 [0.70, 0.90]" in md
+
+
+def test_repetition_penalty_setting_is_checked_and_keeps_stored_keys_at_one():
+    import dataclasses
+
+    from steering.config import SteerEvalConfig
+    from steering.pipeline import _method_eval_key, _without_defaults
+
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SteerEvalConfig(repetition_penalty=0.0)
+    # at 1 (plain greedy) the key is the one stored before the setting existed ...
+    key = _method_eval_key(SteerEvalConfig())
+    assert "repetition_penalty" not in key
+    assert "repetition_penalty" not in _without_defaults(dataclasses.asdict(EvalSettings()))
+    # ... and any other value changes it, so stored results are not reused
+    assert _method_eval_key(SteerEvalConfig(repetition_penalty=1.3))["repetition_penalty"] == 1.3
+    assert EvalSettings(repetition_penalty=1.3) != EvalSettings()
+
+
+def test_the_harness_decodes_with_the_settings_repetition_penalty(planted):
+    from steering.defaultness import left_pad
+
+    model, tokenizer, sets, direction = planted
+    penalised = EvalSettings(max_new_tokens=10, repetition_penalty=1.5)
+    gens = generate(model, tokenizer, PROMPTS, None, sets, "es", settings=penalised)
+    plain = generate(model, tokenizer, PROMPTS, None, sets, "es",
+                     settings=EvalSettings(max_new_tokens=10))
+    assert gens.new_ids != plain.new_ids
+    pad = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    ids, attn = left_pad([tokenizer(penalised.template.format(prompt=p))["input_ids"]
+                          for p in PROMPTS], pad)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=10,
+                             min_new_tokens=10, do_sample=False, repetition_penalty=1.5,
+                             pad_token_id=pad)[:, ids.shape[1]:]
+    eos = tokenizer.eos_token_id
+    for row, expected in zip(gens.new_ids, ref.tolist()):
+        cut = next((i for i, t in enumerate(expected) if t == eos), len(expected))
+        assert row == expected[:cut]
