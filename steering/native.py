@@ -3,9 +3,9 @@
 A steer turns an English question into a target-language answer. The best it can hope for is
 what the model does when the question itself is in the target language: the prompt translated
 (``sae_train/corpora/data/prompt_translations.jsonl``) and the template too ("Pregunta: …
-Respuesta:"). That row is scored by the same harness, judge and guards as every method, so its
-DEFAULT is the ceiling the guards allow this model under greedy decoding. It is not a baseline
-(it changes the input, which a steer may not) and takes no part in the frontier comparison.
+Respuesta:"). That row is scored by the same harness, decoding, judge and guards as every
+method, so its DEFAULT is the ceiling the guards allow this model. It is not a baseline (it
+changes the input, which a steer may not) and takes no part in the frontier comparison.
 
 On the demo model (Gemma-3-270m base, 48 evaluation prompts, 24 new tokens) it measured es
 0.92 and hi 0.77 (docs/results.md): the Hindi bar (0.90) is above what the model does in its

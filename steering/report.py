@@ -72,7 +72,7 @@ def markdown(report: dict) -> str:
         lines += ["", f"`native` is a reference, not a steer: {native.get('reference', '')}; "
                   f"{native['metrics']['n_prompts']} of the {report['n_prompts']} evaluation "
                   "prompts have a translation. Its DEFAULT is the most the guards allow this "
-                  "model under greedy decoding."]
+                  "model under this decoding."]
     lines += _failure_table(report) + _scan_tables(report)
     bars = report.get("bars")
     if bars:
