@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Sequence
 
 import torch
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from steering.token_sets import LanguageTokenSets
 
@@ -104,7 +105,10 @@ def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch
     """
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty={repetition_penalty}: must be > 0 (1: off)")
-    seen = input_ids.clone() if repetition_penalty != 1.0 else None
+    # transformers' own processor, so the decode is generate()'s by construction
+    penalise = RepetitionPenaltyLogitsProcessor(repetition_penalty) \
+        if repetition_penalty != 1.0 else None
+    seen = input_ids if penalise is not None else None  # every id so far, per row
     device = input_ids.device
     masses = torch.zeros(len(set_ids), input_ids.shape[0], steps, dtype=torch.float32)
     tokens = torch.zeros(input_ids.shape[0], steps, dtype=torch.long)
@@ -123,7 +127,7 @@ def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch
         if seen is None:
             chosen = logits.argmax(-1)
         else:
-            chosen = penalise_repeats(logits, seen, repetition_penalty).argmax(-1)
+            chosen = penalise(seen, logits).argmax(-1)  # returns a new tensor
             seen = torch.cat([seen, chosen[:, None]], 1)
         tokens[:, step] = chosen.cpu()
         if step == steps - 1:
@@ -134,14 +138,6 @@ def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch
                     position_ids=position_ids, use_cache=True, logits_to_keep=1,
                     **{_cache_keyword(model): _returned_cache(out)})
     return masses, tokens
-
-
-def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """``logits`` (batch, vocab) with every id in ``seen`` (batch, n) penalised (CTRL's rule,
-    the one ``transformers`` applies for ``repetition_penalty``)."""
-    score = logits.gather(1, seen)
-    score = torch.where(score < 0, score * penalty, score / penalty)
-    return logits.scatter(1, seen, score)
 
 
 def defaultness(model, tokenizer, prompts: Sequence, token_sets: LanguageTokenSets,

@@ -156,7 +156,8 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
         caa_means = residual_mean_differences(cfg.cache_dir, layers, cfg.target, cfg.english)
 
     base_key = {"model": info.to_dict(), "localise": loc.summary.get("provenance", {})
-                .get("created"), "window": loc.window, "settings": _without_defaults(dataclasses.asdict(settings)),
+                .get("created"), "window": loc.window,
+                "settings": _without_defaults(dataclasses.asdict(settings)),
                 "tuning": dataclasses.asdict(cfg.tuning), "eval": _method_eval_key(ev),
                 "frontier": dataclasses.asdict(fr), "position": cfg.position,
                 "decode_steps": cfg.decode_steps, "sustain": cfg.sustain, "seed": cfg.seed,
