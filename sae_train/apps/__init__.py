@@ -15,3 +15,9 @@ def config_dir() -> str:
     if (packaged / "cache.yaml").is_file():
         return str(packaged)
     raise FileNotFoundError(f"Hydra configs not found at {repo_conf} or {packaged}")
+
+
+# `--help` of every app renders from its structured config (conf/hydra/help/foxp2.yaml).
+from sae_train.apps.help import register_help_resolver  # noqa: E402
+
+register_help_resolver()
