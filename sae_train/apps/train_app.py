@@ -87,7 +87,14 @@ def run_name(cfg: DictConfig, sites: list[str]) -> str:
 
 
 def build_training(cfg: DictConfig):
-    """(trainer, module, datamodule, export callback) for ``cfg``; nothing runs yet."""
+    """(trainer, module, datamodule, export callback) for ``cfg``; nothing runs yet.
+
+    Works without a Hydra run too (``sae_train.train_saes``): ``out_dir``'s default, the Hydra
+    run folder, then becomes ``<paths.root>/train/<date>_<time>``.
+    """
+    from sae_train.api import default_out_dir
+
+    default_out_dir(cfg)
     try:
         cache = ActivationCache(cfg.cache_dir)
     except CacheError as err:
