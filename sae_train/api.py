@@ -33,11 +33,11 @@ App = Literal["cache", "train"]
 class TrainResult:
     """What :func:`train_saes` produced."""
 
-    # site → folder with cfg.json + sae.safetensors (read it with sae_train.saes.load_sae).
+    # site → folder with cfg.json + sae.safetensors, absolute (sae_train.saes.load_sae reads it).
     exported: dict[str, Path]
     # Final logged metrics, e.g. "val/layers.1.resid/fvu".
     metrics: dict[str, float]
-    # The run folder: checkpoints, logs and (by default) the exported SAEs.
+    # The run folder, absolute: checkpoints, logs and (by default) the exported SAEs.
     out_dir: Path
 
 
@@ -126,8 +126,9 @@ def train_saes(*overrides: str, config: DictConfig | None = None, **values: Any)
 
     cfg = _config("train", overrides, config, values)
     result = run_training(cfg)
-    return TrainResult(exported={site: Path(p) for site, p in result["exported"].items()},
-                       metrics=result["metrics"], out_dir=Path(cfg.out_dir))
+    exported = {site: Path(path).resolve() for site, path in result["exported"].items()}
+    return TrainResult(exported=exported, metrics=result["metrics"],
+                       out_dir=Path(cfg.out_dir).resolve())
 
 
 def _config(app: App, overrides: tuple[str, ...], config: DictConfig | None,
