@@ -3,7 +3,7 @@
 The runtime API: ``SteeringArtifact.load(folder)`` and ``with steer(model, artifact, gamma=…)``.
 """
 
-from steering.artifact import LayerEdit, SteeringArtifact
-from steering.runtime import steer
+from steering.steer.artifact import LayerEdit, SteeringArtifact
+from steering.steer.runtime import steer
 
 __all__ = ["LayerEdit", "SteeringArtifact", "steer"]

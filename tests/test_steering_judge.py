@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from steering.judge import (CONFUSABLE, SCRIPTS, FluencyGuards, Judgement, LanguageIdentifier,
+from steering.evaluate.judge import (CONFUSABLE, SCRIPTS, FluencyGuards, Judgement, LanguageIdentifier,
                             bootstrap_ci, count_letters, distinct_n, first_line,
                             identifiers_for, is_looping, judge_continuation,
                             longest_tandem_repeat, looping_reason, max_ngram_share,

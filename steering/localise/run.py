@@ -1,7 +1,7 @@
 """Neural FOXP2 stages I–II for one target language, as one plain function.
 
 :func:`run_localise` glues the pieces of ``steering`` into the pipeline that ``foxp2-localise``
-(:mod:`steering.apps.localise_app`) runs; settings are :class:`steering.config.LocaliseAppConfig`.
+(:mod:`steering.apps.localise_app`) runs; settings are :class:`steering.localise.config.LocaliseAppConfig`.
 Everything is measured on the **discovery** split (cache pairs, corpus texts, neutral prompts);
 the tuning and evaluation splits are never read here.
 
@@ -38,7 +38,7 @@ Pipeline
    no pair add no singular value and are dropped first, so the random-support null draws among
    latents that do differ (a draw of dead latents would be an all-zero ΔZ). The traced neurons
    N_t ∪ N_en get the same analysis on neuron activations (when ≥ 2). Window: contiguous
-   ``window.min_width``–``max_width`` layers maximising mean Mass·Stab (steering.window), each
+   ``window.min_width``–``max_width`` layers maximising mean Mass·Stab (steering.localise.window), each
    candidate logged with its layers' causal gains.
 
 Outputs (``out_dir``)
@@ -136,19 +136,19 @@ from sae_train.cache.reader import ActivationCache
 from sae_train.cache.writer import pad_contexts, plan_contexts
 from sae_train.corpora.embedded import load_embedded_prompts
 from sae_train.models.sites import resolve_sites
-from steering.config import LocaliseAppConfig
-from steering.defaultness import DefaultnessResult, defaultness
-from steering.lape import (activation_probabilities_from_cache, activation_probabilities_from_model,
+from steering.localise.config import LocaliseAppConfig
+from steering.language.defaultness import DefaultnessResult, defaultness
+from steering.localise.lape import (activation_probabilities_from_cache, activation_probabilities_from_model,
                            stored_activation_probabilities)
-from steering.lift import (FeatureRanking, LiftResult, direction_top_tokens, logit_mass_lift,
+from steering.localise.lift import (FeatureRanking, LiftResult, direction_top_tokens, logit_mass_lift,
                            rank_by_selectivity_and_lift, rank_features, typical_norm_from_cache,
                            unit_rows)
-from steering.selectivity import (PairedCodes, Selectivity, paired_codes_from_cache,
+from steering.localise.selectivity import (PairedCodes, Selectivity, paired_codes_from_cache,
                                   paired_documents, selectivity_from_cache)
-from steering.spectra import LayerSpectrum, difference_matrix, layer_spectrum
-from steering.token_sets import LanguageTokenSets, build_language_token_sets
-from steering.tracing import NeuronTrace, TailRule, lape_overlap, trace_resid_features
-from steering.window import WindowChoice, WindowError, choose_window
+from steering.localise.spectra import LayerSpectrum, difference_matrix, layer_spectrum
+from steering.language.token_sets import LanguageTokenSets, build_language_token_sets
+from steering.localise.tracing import NeuronTrace, TailRule, lape_overlap, trace_resid_features
+from steering.localise.window import WindowChoice, WindowError, choose_window
 
 log = logging.getLogger("foxp2-localise")
 
@@ -767,7 +767,7 @@ def write_directions(path: Path, results: dict[int, LayerResult], window: list[i
 
 def write_plots(plots: Path, results: dict[int, LayerResult], choice: WindowChoice | None
                 ) -> dict[str, str]:
-    from steering import plots as P
+    from steering.localise import plots as P
 
     written: dict[str, str] = {}
     spectra = {l: r.spectrum for l, r in results.items() if r.spectrum is not None}

@@ -126,7 +126,7 @@ def _native_bar_lines(report: dict) -> list[str]:
 
 
 def _failure_table(report: dict) -> list[str]:
-    """Why each method's continuations miss DEFAULT (steering.evaluate.default_failures)."""
+    """Why each method's continuations miss DEFAULT (steering.evaluate.harness.default_failures)."""
     rows = {name: m["metrics"]["default_failures"] for name, m in report["methods"].items()
             if m["metrics"].get("default_failures")}
     if not rows:
@@ -135,7 +135,7 @@ def _failure_table(report: dict) -> list[str]:
     out = ["", "## Where DEFAULT fails", "",
            "Fraction of the evaluation prompts failing each condition (not exclusive): "
            "`delta_m` ΔM ≤ 0, `language` first 16 tokens not identified as the target, then "
-           "the fluency guards (steering/judge.py states the thresholds).", "",
+           "the fluency guards (steering/evaluate/judge.py states the thresholds).", "",
            "| method | DEFAULT | " + " | ".join(reasons) + " |", "|---|---|" + "---|" * len(reasons)]
     for name, f in rows.items():
         d = report["methods"][name]["metrics"]["default"]["mean"]

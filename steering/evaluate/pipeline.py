@@ -1,7 +1,7 @@
 """Neural FOXP2 stage III for one target: build → tune → evaluate every method → report.
 
 :func:`run_steer` is what ``foxp2-steer`` (:mod:`steering.apps.steer_app`) runs; settings are
-:class:`steering.config.SteerAppConfig`. Splits (never mixed): the localisation used the
+:class:`steering.evaluate.config.SteerAppConfig`. Splits (never mixed): the localisation used the
 **discovery** split; (λ, β) are tuned on the **tuning** split (prompts and target sentences);
 every number of the report comes from the **evaluation** split.
 
@@ -28,16 +28,16 @@ import numpy as np
 import torch
 
 from sae_train.corpora.embedded import load_embedded_prompts
-from steering.artifact import SteeringArtifact
-from steering.build import TUNED, Localisation, build_method, residual_mean_differences
-from steering.config import SteerAppConfig
-from steering.evaluate import (EvalSettings, HeldOutText, TuningPoint, best_point,
+from steering.steer.artifact import SteeringArtifact
+from steering.steer.build import TUNED, Localisation, build_method, residual_mean_differences
+from steering.evaluate.config import SteerAppConfig
+from steering.evaluate.harness import (EvalSettings, HeldOutText, TuningPoint, best_point,
                                evaluate_method, generate, guarded_default, language_nll_offset,
                                sentence_scores, tune_strengths)
-from steering.judge import identifiers_for
-from steering.native import native_prompts, native_template
-from steering.report import write_report
-from steering.token_sets import LanguageTokenSets
+from steering.evaluate.judge import identifiers_for
+from steering.evaluate.native import native_prompts, native_template
+from steering.evaluate.report import write_report
+from steering.language.token_sets import LanguageTokenSets
 
 log = logging.getLogger("foxp2-steer")
 
@@ -170,7 +170,7 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
                                             english=cfg.english, prompts=eval_prompts,
                                             sentences=eval_sents, token_sets=sets,
                                             settings=settings, identifiers=ids)
-    from steering.evaluate import continuation_nll, nll_guard_skip
+    from steering.evaluate.harness import continuation_nll, nll_guard_skip
 
     ref_nll = continuation_nll(model, tokenizer, eval_prompts, ref_gens.new_ids,
                                nll_guard_skip(cfg.decode_steps), settings.template,
@@ -323,7 +323,7 @@ def _without_defaults(key: dict) -> dict:
 
 def native_reference(model, tokenizer, cfg: SteerAppConfig, prompts, sentences, sets,
                      settings: EvalSettings, identifiers) -> dict | None:
-    """The "native" row (steering.native): the unsteered model asked the evaluation prompts
+    """The "native" row (steering.evaluate.native): the unsteered model asked the evaluation prompts
     in the target language, scored like every method; None (with a warning) when the target
     has no template or no translated prompts."""
     template = native_template(cfg.target, cfg.evaluation.native_template)
@@ -377,7 +377,7 @@ def tune_caa_layer(model, tokenizer, loc: Localisation, cfg: SteerAppConfig, pro
                    ) -> tuple[SteeringArtifact, list[TuningPoint], bool, list[dict]]:
     """caa_layer tuned (λ grid, same budget and objective as every method) at each candidate
     layer; the layer whose tuned point ranks best wins, by the rule within one layer
-    (:func:`steering.evaluate.best_point`). Returns its artifact, its points, whether it met
+    (:func:`steering.evaluate.harness.best_point`). Returns its artifact, its points, whether it met
     the budget, and the scan (one row per layer)."""
     tuned_layers = []
     for layer in caa_candidate_layers(loc, cfg):

@@ -1,8 +1,8 @@
 """Build the steering artifacts of Neural FOXP2 and of every baseline from one localisation.
 
 Inputs: the localisation folder (``directions.safetensors``, ``localise/summary.json``,
-``localise/layers.json``; :mod:`steering.localise`) and the activation cache (for the residual
-mean differences of CAA). Every method is a :class:`~steering.artifact.SteeringArtifact` at
+``localise/layers.json``; :mod:`steering.localise.run`) and the activation cache (for the residual
+mean differences of CAA). Every method is a :class:`~steering.steer.artifact.SteeringArtifact` at
 λ = β = 1 (the tuning stage picks the strengths), so one runtime and one harness serve all.
 
 Methods (``METHODS``), all in the localised window W unless stated:
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from steering.artifact import LayerEdit, SteeringArtifact
+from steering.steer.artifact import LayerEdit, SteeringArtifact
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def residual_mean_differences(cache_dir: str | Path, layers: Sequence[int], targ
                               ) -> dict[int, Tensor]:
     """Per layer: mean over pairs of (target sentence − English sentence) token-mean residuals."""
     from sae_train.cache.reader import ActivationCache
-    from steering.selectivity import paired_codes_from_cache
+    from steering.localise.selectivity import paired_codes_from_cache
 
     cache = ActivationCache(cache_dir)
     out = {}
