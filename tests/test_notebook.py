@@ -171,7 +171,8 @@ def test_demo_report_fields_plots_and_artifacts(tiny_demo_run, foxp2_cache_root,
 
 
 def test_random_control_matches_foxp2s_push_norm_on_other_neurons(tiny_demo_run):
-    from steering.steer.build import Localisation, build_method
+    from steering.steer.localisation import Localisation
+    from steering.steer.methods import build_method
 
     loc = Localisation(tiny_demo_run / "localise-es")
     window = [l for l in loc.window if loc.t(l, "target_neurons").numel()]

@@ -138,7 +138,8 @@ def test_tuning_picks_a_strength_within_the_budget(planted):
 def test_candidate_windows_and_bars():
     from types import SimpleNamespace
 
-    from steering.evaluate.pipeline import BARS, _check_bars, candidate_windows
+    from steering.evaluate.pipeline import BARS, _check_bars
+    from steering.evaluate.tuning import candidate_windows
 
     loc = SimpleNamespace(window=[15, 16, 17], layers=list(range(18)))
     cands = candidate_windows(loc, 3, 3)
@@ -147,12 +148,11 @@ def test_candidate_windows_and_bars():
     assert candidate_windows(loc, None, 3) == [[15, 16, 17]]
     loc = SimpleNamespace(window=[1, 2], layers=[0, 1, 2, 3])
     assert candidate_windows(loc, 2, 1) == [[1, 2], [0, 1], [2, 3]]
-    from steering.evaluate.pipeline import caa_candidate_layers
+    from steering.steer.methods.caa import caa_candidate_layers
 
     loc = SimpleNamespace(layers=list(range(18)), best_causal_layer=lambda: 15)
-    stride = lambda k: SimpleNamespace(tuning=SimpleNamespace(caa_layer_stride=k))  # noqa: E731
-    assert caa_candidate_layers(loc, stride(None)) == [15]
-    assert caa_candidate_layers(loc, stride(4)) == [0, 4, 8, 12, 15, 16]
+    assert caa_candidate_layers(loc, None) == [15]
+    assert caa_candidate_layers(loc, 4) == [0, 4, 8, 12, 15, 16]
     ok = {"default": {"mean": 0.96}, "nll_change_gen": {"mean": 0.01}}
     bars = _check_bars("es", ok, "foxp2")
     assert [b["met"] for b in bars] == [True, True] and len(bars) == len(BARS["es"])

@@ -142,7 +142,7 @@ class SteerAppConfig:
     localise_dir: str = "${paths.root}/localise/${model.slug}-${target}"
     cache_dir: str = "${paths.root}/cache/${model.slug}-embedded"
     out_dir: str = "${paths.root}/steer/${model.slug}-${target}"
-    # Methods (steering.steer.build.METHODS); "none" is always evaluated (the reference).
+    # Methods (steering.steer.methods.REGISTRY); "none" is always evaluated (the reference).
     methods: list[str] = field(default_factory=lambda: [
         "prompting", "foxp2", "foxp2_neurons", "foxp2_pos", "foxp2_neg", "caa_layer",
         "caa_window", "lape", "random"])
@@ -164,7 +164,7 @@ class SteerAppConfig:
     progress: bool = True
 
     def __post_init__(self):
-        from steering.steer.build import METHODS
+        from steering.steer.methods import METHODS
 
         _check(self.target != self.english,
                f"target and english are both {self.target!r}: pick a target language")

@@ -18,26 +18,33 @@ Interrupted runs lose at most the method in progress: each finished method is wr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from sae_train.corpora.embedded import load_embedded_prompts
-from steering.steer.artifact import SteeringArtifact
-from steering.steer.build import TUNED, Localisation, build_method, residual_mean_differences
 from steering.evaluate.config import SteerAppConfig
-from steering.evaluate.harness import (EvalSettings, HeldOutText, TuningPoint, best_point,
-                               evaluate_method, generate, guarded_default, language_nll_offset,
-                               sentence_scores, tune_strengths)
+from steering.evaluate.harness import (EvalSettings, Generations, HeldOutText, continuation_nll,
+                                       evaluate_method, generate, guarded_default,
+                                       language_nll_offset, nll_guard_skip, sentence_scores)
 from steering.evaluate.judge import identifiers_for
 from steering.evaluate.native import native_prompts, native_template
 from steering.evaluate.report import write_report
+from steering.evaluate.tuning import (HarnessTuner, choose_steer_window, content_key,
+                                      tune_method)
 from steering.language.token_sets import LanguageTokenSets
+from steering.steer.artifact import SteeringArtifact
+from steering.steer.build import ResidualMeans
+from steering.steer.localisation import Localisation
+from steering.steer.methods import (ABLATED_MODES, TUNED, BuildRequest, Placement, build,
+                                     method_spec)
 
 log = logging.getLogger("foxp2-steer")
 
@@ -75,11 +82,7 @@ def split_sentences(cache_dir: str | Path, target: str, split: str) -> list[str]
 
 def _ablation_of(cfg: SteerAppConfig) -> str:
     """foxp2_pos / foxp2_neg ablate the primary FOXP2 mode (feature mode otherwise)."""
-    return cfg.primary if cfg.primary in ("foxp2", "foxp2_neurons") else "foxp2"
-
-
-def _key(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cfg.primary if cfg.primary in ABLATED_MODES else "foxp2"
 
 
 def _check_bars(target: str, metrics: dict, method: str) -> list[dict]:
@@ -93,22 +96,92 @@ def _check_bars(target: str, metrics: dict, method: str) -> list[dict]:
     return out
 
 
+@dataclass
+class SteerRun:
+    """What every step of :func:`run_steer` reads: the settings, the localisation, the model."""
+
+    cfg: SteerAppConfig
+    loc: Localisation
+    sets: LanguageTokenSets
+    model: Any
+    tokenizer: Any
+    info: Any
+    settings: EvalSettings
+    identifiers: Any
+    out: Path
+    work: Path
+    started: float
+
+
+@dataclass
+class SteerSplits:
+    """The texts of the tuning and evaluation splits (and the frontier's subset)."""
+
+    tune_prompts: list[str]
+    tune_sents: HeldOutText
+    eval_prompt_rows: list  # the embedded prompt records (the native row needs their ids)
+    eval_prompts: list[str]
+    eval_sents: HeldOutText
+    fr_prompts: list[str]
+    fr_sents: HeldOutText
+
+
+@dataclass
+class Reference:
+    """The unsteered model on the evaluation split: every method is compared with it."""
+
+    metrics: dict
+    gens: Generations
+    nll: Any  # its continuations' NLL (the fluency guard's baseline)
+    nll_offset: float  # the NLL guard's language offset (0 when off)
+
+
 def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
     """Run stage III for ``cfg`` (a :class:`SteerAppConfig` or the app's DictConfig)."""
-    from omegaconf import OmegaConf
-    from tqdm.auto import tqdm
+    run = start_run(as_steer_config(cfg), model_bundle)
+    splits = load_splits(run)
+    reference = evaluate_reference(run, splits)
+    base_key = result_key(run)
+    methods: dict[str, dict] = {"none": {"metrics": reference.metrics, "strengths": {},
+                                         "tuning": []}}
+    native = native_row(run, splits)
+    if native is not None:
+        methods["native"] = native
+    request = build_request(run)
+    tuner = harness_tuner(run, splits)
+    window, window_scan = choose_steer_window(
+        run.cfg.primary, request, tuner, window_width=run.cfg.tuning.window_width,
+        window_stride=run.cfg.tuning.window_stride, window_lams=run.cfg.tuning.window_lams,
+        resume=run.cfg.resume, work=run.work, base_key=base_key)
+    base_key["steer_window"] = window
+    request = dataclasses.replace(request, window=window)
+    for method in tqdm(run.cfg.methods, desc=f"methods ({run.cfg.target})",
+                       disable=not run.cfg.progress):
+        methods[method] = steer_method(run, method, request, tuner, splits, reference, methods,
+                                       content_key({**base_key, "method": method}))
+    report = assemble_report(run, splits, reference, methods, window, window_scan)
+    return write_steer_report(run, report)
 
-    from sae_train.models.loading import load_model
+
+def as_steer_config(cfg) -> SteerAppConfig:
+    """The app's DictConfig as its dataclass (a SteerAppConfig passes through)."""
+    from omegaconf import OmegaConf
 
     if OmegaConf.is_config(cfg):
         cfg = OmegaConf.to_object(cfg)
     if not isinstance(cfg, SteerAppConfig):
         raise TypeError(f"cfg must be a SteerAppConfig; got {type(cfg).__name__}")
+    return cfg
+
+
+def start_run(cfg: SteerAppConfig, model_bundle: tuple | None) -> SteerRun:
+    """Threads and seed set; the localisation, its token sets and the model loaded."""
+    from sae_train.models.loading import load_model
+
     started = time.perf_counter()
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
     loc = Localisation(cfg.localise_dir)
     if loc.target != cfg.target:
         raise SteerError(f"{cfg.localise_dir} localised {loc.target!r}, not target={cfg.target!r}")
@@ -116,12 +189,20 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
     model, tokenizer, info = model_bundle if model_bundle is not None else load_model(cfg.model)
     if tokenizer.padding_side != "left":
         tokenizer.padding_side = "left"
-
     ev = cfg.evaluation
     settings = EvalSettings(steps=ev.steps, max_new_tokens=ev.max_new_tokens,
                             batch_size=ev.batch_size, gen_batch_size=ev.gen_batch_size,
                             n_boot=ev.n_boot, seed=cfg.seed,
                             repetition_penalty=ev.repetition_penalty)
+    out = Path(cfg.out_dir)
+    return SteerRun(cfg, loc, sets, model, tokenizer, info, settings,
+                    identifiers_for(cfg.target, cfg.english), out, out / "work", started)
+
+
+def load_splits(run: SteerRun) -> SteerSplits:
+    """Seeded subsets of the tuning and evaluation splits, held-out text tokenised once (its
+    unsteered log-probs are computed once per split and reused by every method and point)."""
+    cfg, ev, fr = run.cfg, run.cfg.evaluation, run.cfg.frontier
     tune_prompts = _subset([p.text for p in load_embedded_prompts(["tuning"])],
                            cfg.tuning.n_prompts, cfg.seed)
     tune_sents = _subset(split_sentences(cfg.cache_dir, cfg.target, "tuning"),
@@ -130,173 +211,218 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
     eval_prompts = [p.text for p in eval_prompt_rows]
     eval_sents = _subset(split_sentences(cfg.cache_dir, cfg.target, "evaluation"),
                          ev.n_sentences, cfg.seed)
-    fr = cfg.frontier
     fr_prompts = _subset(eval_prompts, fr.n_prompts, cfg.seed + 1)
     fr_sents = _subset(eval_sents, fr.n_sentences, cfg.seed + 1)
     log.info("steer %s→%s: window %s; tuning %d prompts / %d sentences, evaluation %d / %d",
-             cfg.english, cfg.target, loc.window, len(tune_prompts), len(tune_sents),
+             cfg.english, cfg.target, run.loc.window, len(tune_prompts), len(tune_sents),
              len(eval_prompts), len(eval_sents))
-    ids = identifiers_for(cfg.target, cfg.english)
-    # tokenised once; the unsteered log-probs are computed once per split and reused by
-    # every method and tuning point
-    tune_sents, eval_sents, fr_sents = (HeldOutText(model, tokenizer, s, ev.batch_size)
-                                        for s in (tune_sents, eval_sents, fr_sents))
-    nll_offset = 0.0
-    if ev.nll_guard_language_offset:
-        english_sents = _subset(split_sentences(cfg.cache_dir, cfg.english, "evaluation"),
-                                ev.n_sentences, cfg.seed)
-        nll_offset = language_nll_offset(model, tokenizer, eval_sents, english_sents,
-                                         ev.batch_size)
-        log.info("NLL guard: language offset %+.3f nats/token (%s − %s, unsteered)",
-                 nll_offset, cfg.target, cfg.english)
+    held_out = [HeldOutText(run.model, run.tokenizer, s, ev.batch_size)
+                for s in (tune_sents, eval_sents, fr_sents)]
+    return SteerSplits(tune_prompts, held_out[0], eval_prompt_rows, eval_prompts, held_out[1],
+                       fr_prompts, held_out[2])
 
-    caa_means = None
-    if {"caa_layer", "caa_window"} & set(cfg.methods):
-        layers = sorted(set(loc.window) | set(caa_candidate_layers(loc, cfg)))
-        caa_means = residual_mean_differences(cfg.cache_dir, layers, cfg.target, cfg.english)
 
-    base_key = {"model": info.to_dict(), "localise": loc.summary.get("provenance", {})
-                .get("created"), "window": loc.window,
-                "settings": _without_defaults(dataclasses.asdict(settings)),
-                "tuning": dataclasses.asdict(cfg.tuning), "eval": _method_eval_key(ev),
-                "frontier": dataclasses.asdict(fr), "position": cfg.position,
-                "decode_steps": cfg.decode_steps, "sustain": cfg.sustain, "seed": cfg.seed,
-                "primary": cfg.primary}
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+def nll_guard_offset(run: SteerRun, splits: SteerSplits) -> float:
+    """The NLL guard's language offset (SteerEvalConfig.nll_guard_language_offset), else 0."""
+    cfg, ev = run.cfg, run.cfg.evaluation
+    if not ev.nll_guard_language_offset:
+        return 0.0
+    english_sents = _subset(split_sentences(cfg.cache_dir, cfg.english, "evaluation"),
+                            ev.n_sentences, cfg.seed)
+    offset = language_nll_offset(run.model, run.tokenizer, splits.eval_sents, english_sents,
+                                 ev.batch_size)
+    log.info("NLL guard: language offset %+.3f nats/token (%s − %s, unsteered)",
+             offset, cfg.target, cfg.english)
+    return offset
 
-    # the reference: the unsteered model
-    ref_metrics, ref_gens = evaluate_method(model, tokenizer, None, target=cfg.target,
-                                            english=cfg.english, prompts=eval_prompts,
-                                            sentences=eval_sents, token_sets=sets,
-                                            settings=settings, identifiers=ids)
-    from steering.evaluate.harness import continuation_nll, nll_guard_skip
 
-    ref_nll = continuation_nll(model, tokenizer, eval_prompts, ref_gens.new_ids,
-                               nll_guard_skip(cfg.decode_steps), settings.template,
-                               settings.batch_size)
-    methods: dict[str, dict] = {"none": {"metrics": ref_metrics, "strengths": {}, "tuning": []}}
-    log.info("none: DEFAULT %.2f, ΔM %+.3f", ref_metrics["default"]["mean"],
-             ref_metrics["delta_m"]["mean"])
-    if ev.native_reference:
-        native = native_reference(model, tokenizer, cfg, eval_prompt_rows, eval_sents, sets,
-                                  settings, ids)
-        if native is not None:
-            methods["native"] = native
+def evaluate_reference(run: SteerRun, splits: SteerSplits) -> Reference:
+    """The unsteered model on the evaluation split, and its continuations' NLL."""
+    cfg = run.cfg
+    nll_offset = nll_guard_offset(run, splits)
+    metrics, gens = evaluate_method(run.model, run.tokenizer, None, target=cfg.target,
+                                    english=cfg.english, prompts=splits.eval_prompts,
+                                    sentences=splits.eval_sents, token_sets=run.sets,
+                                    settings=run.settings, identifiers=run.identifiers)
+    nll = continuation_nll(run.model, run.tokenizer, splits.eval_prompts, gens.new_ids,
+                           nll_guard_skip(cfg.decode_steps), run.settings.template,
+                           run.settings.batch_size)
+    log.info("none: DEFAULT %.2f, ΔM %+.3f", metrics["default"]["mean"],
+             metrics["delta_m"]["mean"])
+    return Reference(metrics, gens, nll, nll_offset)
 
-    window, window_scan = choose_steer_window(model, tokenizer, loc, cfg, tune_prompts,
-                                              tune_sents, sets, settings, caa_means, work,
-                                              base_key)
-    base_key["steer_window"] = window
-    for method in tqdm(cfg.methods, desc=f"methods ({cfg.target})", disable=not cfg.progress):
-        key = _key({**base_key, "method": method})
-        done = work / f"{method}.json"
-        art_dir = out / "artifacts" / method
-        if cfg.resume and done.is_file() and (art_dir / "steer.json").is_file():
-            stored = json.loads(done.read_text())
-            if stored.get("key") == key:
-                methods[method] = stored["result"]
-                log.info("%s: reused %s", method, done)
-                continue
-        t0 = time.perf_counter()
-        art = build_method(method, loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
-                           position=cfg.position, decode_steps=cfg.decode_steps,
-                           sustain=cfg.sustain,
-                           caa_means=caa_means, window=window,
-                           ablation_of=_ablation_of(cfg))
-        same = _same_as_primary(method, cfg, methods)
-        if same is not None:
-            # proven identical: the primary tuned β = 0, so this λ-only ablation walks the
-            # same λ line, picks the same λ and evaluates the same edit
-            art = art.with_strengths(lam=same["strengths"]["lam"], beta=0.0, gamma=1.0)
-            points = [p for p in same["tuning"] if p["beta"] == 0.0]
-            art.provenance.update({"tuning": {"kl_budget": cfg.tuning.kl_budget,
-                                              "met_budget": same["tuning_met_budget"],
-                                              "points": points, "same_as": cfg.primary},
-                                   "model": info.to_dict()})
-            art.save(art_dir)
-            result = {**same, "tuning": points, "artifact": str(art_dir),
-                      "describe": art.describe(), "same_as": cfg.primary,
-                      "seconds": time.perf_counter() - t0}
-            if method not in fr.methods:
-                result.pop("frontier", None)
-            elif "frontier" not in result:
-                result["frontier"] = frontier_points(model, tokenizer, art, fr.gammas,
-                                                     fr_prompts, fr_sents, sets, settings, ids)
-            methods[method] = result
-            done.write_text(json.dumps({"key": key, "result": result}, default=str))
-            log.info("%s: identical to %s (its tuned β = 0); result shared", method, cfg.primary)
-            continue
-        layer_scan = None
-        if method == "caa_layer" and cfg.tuning.caa_layer_stride is not None:
-            art, points, ok, layer_scan = tune_caa_layer(model, tokenizer, loc, cfg,
-                                                         tune_prompts, tune_sents, sets,
-                                                         settings, caa_means, ids)
-        else:
-            art, points, ok = tune_strengths(model, tokenizer, art, TUNED[method],
-                                             prompts=tune_prompts, sentences=tune_sents,
-                                             token_sets=sets, kl_budget=cfg.tuning.kl_budget,
-                                             lams=cfg.tuning.lams, betas=cfg.tuning.betas,
-                                             settings=settings,
-                                             stop_over_budget=cfg.tuning.stop_over_budget,
-                                             objective=cfg.tuning.objective, identifiers=ids)
-        art.provenance.update({"tuning": {"kl_budget": cfg.tuning.kl_budget,
-                                          "met_budget": ok, "points": [p.to_dict()
-                                                                       for p in points],
-                                          **({"layer_scan": layer_scan} if layer_scan else {})},
-                               "model": info.to_dict()})
-        art.save(art_dir)
-        metrics, _ = evaluate_method(model, tokenizer, art, target=cfg.target,
-                                     english=cfg.english, prompts=eval_prompts,
-                                     sentences=eval_sents, token_sets=sets, settings=settings,
-                                     reference=ref_gens, reference_nll=ref_nll, identifiers=ids,
-                                     nll_offset=nll_offset)
-        strengths = {} if TUNED[method] == "none" else {"lam": art.lam, "beta": art.beta}
-        result = {"metrics": metrics, "strengths": strengths,
-                  "tuning": [p.to_dict() for p in points], "tuning_met_budget": ok,
-                  "artifact": str(art_dir), "describe": art.describe(),
-                  "seconds": time.perf_counter() - t0}
-        if layer_scan is not None:
-            result["layer_scan"] = layer_scan
-        if method in fr.methods:
-            result["frontier"] = frontier_points(model, tokenizer, art, fr.gammas, fr_prompts,
-                                                 fr_sents, sets, settings, ids)
-        methods[method] = result
-        done.write_text(json.dumps({"key": key, "result": result}, default=str))
-        log.info("%s (λ=%g, β=%g%s): DEFAULT %.2f, ΔM %+.3f, KL_gen %.3f, ΔNLL_gen %+.3f, "
-                 "%.0f s", method, art.lam, art.beta, "" if ok else ", KL budget NOT met",
-                 metrics["default"]["mean"], metrics["delta_m"]["mean"],
-                 metrics["kl_gen"]["mean"], metrics["nll_change_gen"]["mean"],
-                 result["seconds"])
 
+def result_key(run: SteerRun) -> dict:
+    """The inputs and settings every stored result depends on (work/ is created)."""
+    cfg = run.cfg
+    run.work.mkdir(parents=True, exist_ok=True)
+    return {"model": run.info.to_dict(), "localise": run.loc.summary.get("provenance", {})
+            .get("created"), "window": run.loc.window,
+            "settings": _without_defaults(dataclasses.asdict(run.settings)),
+            "tuning": dataclasses.asdict(cfg.tuning), "eval": _method_eval_key(cfg.evaluation),
+            "frontier": dataclasses.asdict(cfg.frontier), "position": cfg.position,
+            "decode_steps": cfg.decode_steps, "sustain": cfg.sustain, "seed": cfg.seed,
+            "primary": cfg.primary}
+
+
+def native_row(run: SteerRun, splits: SteerSplits) -> dict | None:
+    """The native reference row, when the app asks for it and the target has one."""
+    if not run.cfg.evaluation.native_reference:
+        return None
+    return native_reference(run.model, run.tokenizer, run.cfg, splits.eval_prompt_rows,
+                            splits.eval_sents, run.sets, run.settings, run.identifiers)
+
+
+def build_request(run: SteerRun) -> BuildRequest:
+    """What every method is built from (at the localised window until the scan chooses)."""
+    cfg = run.cfg
+    return BuildRequest(localisation=run.loc, window=list(run.loc.window),
+                        placement=Placement(cfg.position, cfg.decode_steps, cfg.sustain),
+                        seed=cfg.seed, ablation_of=_ablation_of(cfg),
+                        residual_means=ResidualMeans(cfg.cache_dir, cfg.target, cfg.english),
+                        model=run.model, tokenizer=run.tokenizer, config=cfg)
+
+
+def harness_tuner(run: SteerRun, splits: SteerSplits) -> HarnessTuner:
+    return HarnessTuner(run.model, run.tokenizer, splits.tune_prompts, splits.tune_sents,
+                        run.sets, run.settings, run.identifiers, run.cfg.tuning)
+
+
+def steer_method(run: SteerRun, method: str, request: BuildRequest, tuner: HarnessTuner,
+                 splits: SteerSplits, reference: Reference, methods: dict, key: str) -> dict:
+    """One method's result: reused from work/, shared with the primary, or tuned and evaluated
+    (and stored in work/ under ``key``)."""
+    done, art_dir = run.work / f"{method}.json", run.out / "artifacts" / method
+    stored = stored_result(run, method, done, art_dir, key)
+    if stored is not None:
+        return stored
+    t0 = time.perf_counter()
+    same = _same_as_primary(method, run.cfg, methods)
+    if same is not None:
+        result = share_primary_result(run, method, build(method, request), same, art_dir,
+                                      splits, t0)
+    else:
+        result = tune_and_evaluate(run, method, request, tuner, splits, reference, art_dir,
+                                   t0)
+    done.write_text(json.dumps({"key": key, "result": result}, default=str))
+    return result
+
+
+def stored_result(run: SteerRun, method: str, done: Path, art_dir: Path, key: str
+                  ) -> dict | None:
+    """A finished result of ``method`` in work/ with the same key (``resume``), else None."""
+    if run.cfg.resume and done.is_file() and (art_dir / "steer.json").is_file():
+        stored = json.loads(done.read_text())
+        if stored.get("key") == key:
+            log.info("%s: reused %s", method, done)
+            return stored["result"]
+    return None
+
+
+def share_primary_result(run: SteerRun, method: str, art: SteeringArtifact, same: dict,
+                         art_dir: Path, splits: SteerSplits, t0: float) -> dict:
+    """Proven identical: the primary tuned β = 0, so this λ-only ablation walks the same λ
+    line, picks the same λ and evaluates the same edit; its artifact is saved, the result
+    shared."""
+    cfg = run.cfg
+    art = art.with_strengths(lam=same["strengths"]["lam"], beta=0.0, gamma=1.0)
+    points = [p for p in same["tuning"] if p["beta"] == 0.0]
+    art.provenance.update({"tuning": {"kl_budget": cfg.tuning.kl_budget,
+                                      "met_budget": same["tuning_met_budget"],
+                                      "points": points, "same_as": cfg.primary},
+                           "model": run.info.to_dict()})
+    art.save(art_dir)
+    result = {**same, "tuning": points, "artifact": str(art_dir), "describe": art.describe(),
+              "same_as": cfg.primary, "seconds": time.perf_counter() - t0}
+    if method not in cfg.frontier.methods:
+        result.pop("frontier", None)
+    elif "frontier" not in result:
+        result["frontier"] = method_frontier(run, art, splits)
+    log.info("%s: identical to %s (its tuned β = 0); result shared", method, cfg.primary)
+    return result
+
+
+def tune_and_evaluate(run: SteerRun, method: str, request: BuildRequest, tuner: HarnessTuner,
+                      splits: SteerSplits, reference: Reference, art_dir: Path,
+                      t0: float) -> dict:
+    """``method`` tuned on the tuning split (its registry entry), saved, and scored on the
+    evaluation split against the unsteered reference."""
+    cfg = run.cfg
+    tuned = tune_method(method, request, tuner)
+    art, points, ok = tuned.artifact, tuned.points, tuned.met_budget
+    art.provenance.update({"tuning": {"kl_budget": cfg.tuning.kl_budget, "met_budget": ok,
+                                      "points": [p.to_dict() for p in points],
+                                      **tuned.record},
+                           "model": run.info.to_dict()})
+    art.save(art_dir)
+    metrics, _ = evaluate_method(run.model, run.tokenizer, art, target=cfg.target,
+                                 english=cfg.english, prompts=splits.eval_prompts,
+                                 sentences=splits.eval_sents, token_sets=run.sets,
+                                 settings=run.settings, reference=reference.gens,
+                                 reference_nll=reference.nll, identifiers=run.identifiers,
+                                 nll_offset=reference.nll_offset)
+    strengths = {} if TUNED[method] == "none" else {"lam": art.lam, "beta": art.beta}
+    result = {"metrics": metrics, "strengths": strengths,
+              "tuning": [p.to_dict() for p in points], "tuning_met_budget": ok,
+              "artifact": str(art_dir), "describe": art.describe(),
+              "seconds": time.perf_counter() - t0, **tuned.record}
+    if method in cfg.frontier.methods:
+        result["frontier"] = method_frontier(run, art, splits)
+    log.info("%s (λ=%g, β=%g%s): DEFAULT %.2f, ΔM %+.3f, KL_gen %.3f, ΔNLL_gen %+.3f, "
+             "%.0f s", method, art.lam, art.beta, "" if ok else ", KL budget NOT met",
+             metrics["default"]["mean"], metrics["delta_m"]["mean"],
+             metrics["kl_gen"]["mean"], metrics["nll_change_gen"]["mean"], result["seconds"])
+    return result
+
+
+def method_frontier(run: SteerRun, art: SteeringArtifact, splits: SteerSplits) -> list[dict]:
+    return frontier_points(run.model, run.tokenizer, art, run.cfg.frontier.gammas,
+                           splits.fr_prompts, splits.fr_sents, run.sets, run.settings,
+                           run.identifiers)
+
+
+def frontier_table(methods: dict, reference: Reference) -> dict:
+    """Per method its (γ, DEFAULT, KL) points; prompting and none as single points."""
     frontier = {m: r["frontier"] for m, r in methods.items() if r.get("frontier")}
     if "prompting" in methods:
         pm = methods["prompting"]["metrics"]
         frontier["prompting"] = [{"gamma": 1.0, "default": pm["default"]["mean"],
                                   "kl": pm["kl_gen"]["mean"]}]
-    frontier["none"] = [{"gamma": 0.0, "default": ref_metrics["default"]["mean"], "kl": 0.0}]
+    frontier["none"] = [{"gamma": 0.0, "default": reference.metrics["default"]["mean"],
+                         "kl": 0.0}]
+    return frontier
+
+
+def assemble_report(run: SteerRun, splits: SteerSplits, reference: Reference, methods: dict,
+                    window: list[int], window_scan: list[dict]) -> dict:
+    """report.json's content (steering.evaluate.report documents it)."""
+    cfg, loc = run.cfg, run.loc
     bars = _check_bars(cfg.target, methods[cfg.primary]["metrics"], cfg.primary) \
         if cfg.primary in methods else []
-    findings = frontier_findings(methods, cfg.primary)
-    report = {
-        "target": cfg.target, "english": cfg.english, "model": info.name,
+    return {
+        "target": cfg.target, "english": cfg.english, "model": run.info.name,
         "window": window, "localised_window": loc.window, "window_scan": window_scan,
         "primary": cfg.primary, "kl_budget": cfg.tuning.kl_budget,
-        "nll_guard_offset": nll_offset,
-        "n_prompts": len(eval_prompts), "n_sentences": len(eval_sents),
-        "methods": methods, "frontier": frontier, "bars": bars, "findings": findings,
+        "nll_guard_offset": reference.nll_offset,
+        "n_prompts": len(splits.eval_prompts), "n_sentences": len(splits.eval_sents),
+        "methods": methods, "frontier": frontier_table(methods, reference), "bars": bars,
+        "findings": frontier_findings(methods, cfg.primary),
         "layer_gains": {l: r.get("causal_gain") for l, r in loc.summary["layers"].items()},
         "settings": {"position": cfg.position, "decode_steps": cfg.decode_steps,
-                     "sustain": cfg.sustain,
-                     "tuning": dataclasses.asdict(cfg.tuning), "evaluation": dataclasses.asdict(ev),
-                     "guards": dataclasses.asdict(settings.guards), "seed": cfg.seed,
+                     "sustain": cfg.sustain, "tuning": dataclasses.asdict(cfg.tuning),
+                     "evaluation": dataclasses.asdict(cfg.evaluation),
+                     "guards": dataclasses.asdict(run.settings.guards), "seed": cfg.seed,
                      "localise": str(Path(cfg.localise_dir).resolve())},
-        "runtime_seconds": time.perf_counter() - started,
+        "runtime_seconds": time.perf_counter() - run.started,
     }
-    files = write_report(report, out / "report",
-                         {**dataclasses.asdict(cfg.wandb), "dir": str(out),
-                          "name": f"steer-{cfg.target}"})
-    for b in bars:
+
+
+def write_steer_report(run: SteerRun, report: dict) -> dict:
+    """report/ written (and logged to wandb); the report with its file paths."""
+    files = write_report(report, run.out / "report",
+                         {**dataclasses.asdict(run.cfg.wandb), "dir": str(run.out),
+                          "name": f"steer-{run.cfg.target}"})
+    for b in report["bars"]:
         log.info("bar %s: %s", "MET" if b["met"] else "NOT MET", b["text"])
     log.info("done in %.0f s → %s", report["runtime_seconds"], files["md"])
     return {**report, "files": files}
@@ -350,118 +476,17 @@ def native_reference(model, tokenizer, cfg: SteerAppConfig, prompts, sentences, 
 
 
 def _same_as_primary(method: str, cfg: SteerAppConfig, methods: dict) -> dict | None:
-    """The primary's result when ``method`` is its positive-only ablation and the primary
-    itself tuned β = 0: then both are tuned on the same λ line (the same artifact at each
-    point), pick the same λ and evaluate the same edit, so the result is the primary's."""
+    """The primary's result when ``method`` is its positive-only ablation
+    (``MethodSpec.same_as_primary_at_beta_zero``) and the primary itself tuned β = 0: then both
+    are tuned on the same λ line (the same artifact at each point), pick the same λ and
+    evaluate the same edit, so the result is the primary's."""
     primary = methods.get(cfg.primary)
-    if (method != "foxp2_pos" or primary is None or _ablation_of(cfg) != cfg.primary
-            or TUNED[cfg.primary] != "both"):
+    if (not method_spec(method).same_as_primary_at_beta_zero or primary is None
+            or _ablation_of(cfg) != cfg.primary or TUNED[cfg.primary] != "both"):
         return None
     if primary["strengths"].get("beta") != 0.0:
         return None
     return primary
-
-
-def caa_candidate_layers(loc: Localisation, cfg: SteerAppConfig) -> list[int]:
-    """caa_layer's candidate layers: every ``tuning.caa_layer_stride``-th analysed layer and
-    the localisation's best causal layer (that one alone when the stride is null)."""
-    best = loc.best_causal_layer()
-    stride = cfg.tuning.caa_layer_stride
-    if stride is None:
-        return [best]
-    return sorted(set(sorted(loc.layers)[::stride]) | {best})
-
-
-def tune_caa_layer(model, tokenizer, loc: Localisation, cfg: SteerAppConfig, prompts,
-                   sentences, sets, settings: EvalSettings, caa_means, identifiers
-                   ) -> tuple[SteeringArtifact, list[TuningPoint], bool, list[dict]]:
-    """caa_layer tuned (λ grid, same budget and objective as every method) at each candidate
-    layer; the layer whose tuned point ranks best wins, by the rule within one layer
-    (:func:`steering.evaluate.harness.best_point`). Returns its artifact, its points, whether it met
-    the budget, and the scan (one row per layer)."""
-    tuned_layers = []
-    for layer in caa_candidate_layers(loc, cfg):
-        art = build_method("caa_layer", loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
-                           position=cfg.position, decode_steps=cfg.decode_steps,
-                           sustain=cfg.sustain, caa_means=caa_means, caa_layer=layer)
-        art, points, ok = tune_strengths(model, tokenizer, art, TUNED["caa_layer"],
-                                         prompts=prompts, sentences=sentences,
-                                         token_sets=sets, kl_budget=cfg.tuning.kl_budget,
-                                         lams=cfg.tuning.lams, betas=cfg.tuning.betas,
-                                         settings=settings,
-                                         stop_over_budget=cfg.tuning.stop_over_budget,
-                                         objective=cfg.tuning.objective,
-                                         identifiers=identifiers)
-        chosen = next(p for p in points if p.lam == art.lam and p.beta == art.beta)
-        tuned_layers.append((layer, art, points, ok, chosen))
-        log.info("caa_layer at layer %d: best λ=%g ΔM %+.4f KL %.4f%s", layer, art.lam,
-                 chosen.delta_m, chosen.kl, "" if ok else " (budget not met)")
-    # a layer that met no budget has its smallest-KL point, itself over the budget
-    best, _ = best_point([row[4] for row in tuned_layers], cfg.tuning.objective)
-    layer, art, points, ok, _ = next(row for row in tuned_layers if row[4] is best)
-    scan = [{"layer": l, **c.to_dict(), "within_budget": o, "chosen": l == layer}
-            for l, _, _, o, c in tuned_layers]
-    log.info("caa_layer: layer %d (localisation's best causal layer: %d)", layer,
-             loc.best_causal_layer())
-    return art, points, ok, scan
-
-
-def candidate_windows(loc: Localisation, width: int | None, stride: int) -> list[list[int]]:
-    """The localised window, then contiguous windows of ``width`` analysed layers."""
-    out = [list(loc.window)]
-    if width is None:
-        return out
-    layers = sorted(loc.layers)
-    for start in range(layers[0], layers[-1] - width + 2, stride):
-        w = list(range(start, start + width))
-        if set(w) <= set(layers) and w not in out:
-            out.append(w)
-    return out
-
-
-def choose_steer_window(model, tokenizer, loc: Localisation, cfg: SteerAppConfig, prompts,
-                        sentences, sets, settings: EvalSettings, caa_means, work: Path,
-                        base_key: dict) -> tuple[list[int], list[dict]]:
-    """Tune the primary method at every candidate window; the best (max ΔM within the KL
-    budget, else the smallest KL) is the steering window. Cached in work/window.json."""
-    cands = candidate_windows(loc, cfg.tuning.window_width, cfg.tuning.window_stride)
-    if len(cands) == 1 or TUNED[cfg.primary] == "none":
-        return cands[0], []
-    key = _key({**base_key, "windows": cands, "primary": cfg.primary})
-    done = work / "window.json"
-    if cfg.resume and done.is_file():
-        stored = json.loads(done.read_text())
-        if stored.get("key") == key:
-            log.info("window: reused %s → %s", done, stored["window"])
-            return stored["window"], stored["scan"]
-    # the short scan grid (tuning.window_lams at β = 0); a β-only primary keeps its β grid
-    short = cfg.tuning.window_lams is not None and TUNED[cfg.primary] != "beta"
-    scan_lams = cfg.tuning.window_lams if short else cfg.tuning.lams
-    scan_betas = [0.0] if short else cfg.tuning.betas
-    scan = []
-    for w in cands:
-        art = build_method(cfg.primary, loc, cache_dir=cfg.cache_dir, seed=cfg.seed,
-                           position=cfg.position, decode_steps=cfg.decode_steps,
-                           sustain=cfg.sustain,
-                           caa_means=caa_means, window=w,
-                           ablation_of=_ablation_of(cfg))
-        tuned, points, ok = tune_strengths(model, tokenizer, art, TUNED[cfg.primary],
-                                           prompts=prompts, sentences=sentences,
-                                           token_sets=sets, kl_budget=cfg.tuning.kl_budget,
-                                           lams=scan_lams, betas=scan_betas,
-                                           settings=settings,
-                                           stop_over_budget=cfg.tuning.stop_over_budget)
-        best = next(p for p in points if p.lam == tuned.lam and p.beta == tuned.beta)
-        scan.append({"window": w, "lam": tuned.lam, "beta": tuned.beta,
-                     "delta_m": best.delta_m, "kl": best.kl, "within_budget": ok,
-                     "localised": w == list(loc.window)})
-        log.info("window %s: best λ=%g β=%g ΔM %+.4f KL %.4f%s", w, tuned.lam, tuned.beta,
-                 best.delta_m, best.kl, "" if ok else " (budget not met)")
-    ok = [r for r in scan if r["within_budget"]]
-    chosen = max(ok, key=lambda r: r["delta_m"]) if ok else min(scan, key=lambda r: r["kl"])
-    done.write_text(json.dumps({"key": key, "window": chosen["window"], "scan": scan}))
-    log.info("steering window %s (localised: %s)", chosen["window"], loc.window)
-    return chosen["window"], scan
 
 
 def frontier_points(model, tokenizer, art: SteeringArtifact, gammas, prompts, sentences, sets,
