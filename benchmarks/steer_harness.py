@@ -72,7 +72,7 @@ def main() -> None:
     from sae_train.models.loading import load_model
     from steering.apps import config_dir
     from steering.evaluate.harness import (EvalSettings, HeldOutText, continuation_nll, generate,
-                                   nll_guard_skip, sentence_scores)
+                                           nll_guard_skip, sentence_scores)
     from steering.language.token_sets import LanguageTokenSets
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

@@ -39,10 +39,10 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from sae_train.config import ModelConfig
-    from sae_train.models.loading import load_model
-    from steering.steer.artifact import SteeringArtifact
     from sae_train.corpora.embedded import load_embedded_prompts
+    from sae_train.models.loading import load_model
     from steering.language.defaultness import DEFAULT_TEMPLATE, left_pad
+    from steering.steer.artifact import SteeringArtifact
     from steering.steer.runtime import steer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

@@ -7,11 +7,10 @@ This module only re-exports them (it sits with the apps, on top of every stage).
 """
 
 from steering.evaluate.config import (FrontierConfig, SteerAppConfig, SteerEvalConfig,
-                                      SteerTuningConfig, WandbReportConfig,
-                                      register_steer_configs)
-from steering.localise.config import (SPLIT_NAMES, DefaultnessConfig, LiftConfig,
-                                      LocaliseAppConfig, LocaliseConfigError, SelectivityConfig,
-                                      SpectraConfig, TokenSetsConfig, TracingConfig, WindowConfig,
+                                      SteerTuningConfig, WandbReportConfig, register_steer_configs)
+from steering.localise.config import (SPLIT_NAMES, DefaultnessConfig, LiftConfig, LocaliseAppConfig,
+                                      LocaliseConfigError, SelectivityConfig, SpectraConfig,
+                                      TokenSetsConfig, TracingConfig, WindowConfig,
                                       register_localise_configs)
 
 __all__ = ["SPLIT_NAMES", "DefaultnessConfig", "FrontierConfig", "LiftConfig",

@@ -83,8 +83,8 @@ def test_demo_report_fields_plots_and_artifacts(tiny_demo_run, foxp2_cache_root,
     range; plots are PNGs; artifacts load in a fresh process; a re-run skips every stage."""
     import math
 
-    from steering.steer.artifact import SteeringArtifact
     from steering.evaluate.config import SteerAppConfig
+    from steering.steer.artifact import SteeringArtifact
 
     summary = json.loads((tiny_demo_run / "demo_summary.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == ["cache", "train", "localise-es",

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from sae_train.models.sites import decoder_layers
-from steering.steer.artifact import LayerEdit, SteeringArtifact
 from steering.evaluate.harness import (EvalSettings, evaluate_method, generate, sentence_scores,
-                               strength_grid, tune_strengths)
+                                       strength_grid, tune_strengths)
 from steering.evaluate.judge import FluencyGuards
 from steering.language.token_sets import LanguageTokenSets
+from steering.steer.artifact import LayerEdit, SteeringArtifact
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -236,8 +236,8 @@ def test_held_out_text_reuses_the_base_and_matches_plain_sentences(planted):
 
 
 def test_continuation_nll_scores_only_the_kept_columns_correctly(planted):
-    from steering.language.defaultness import DEFAULT_TEMPLATE
     from steering.evaluate.harness import continuation_nll
+    from steering.language.defaultness import DEFAULT_TEMPLATE
 
     model, tokenizer, sets, _ = planted
     settings = EvalSettings(max_new_tokens=7, batch_size=4)

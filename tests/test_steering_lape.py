@@ -10,7 +10,8 @@ from sae_train.cache.writer import write_activation_cache
 from sae_train.corpora.embedded import embedded_documents, load_embedded_corpus
 from sae_train.models.sites import resolve_sites
 from steering.localise.lape import (activation_probabilities_from_cache,
-                           activation_probabilities_from_model, language_entropy, lape_neurons)
+                                    activation_probabilities_from_model, language_entropy,
+                                    lape_neurons)
 
 LANGS = ["en", "es", "hi"]
 

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from sae_train.cache.manifest import file_sha256
 from sae_train.cache.reader import ActivationCache
 from sae_train.saes import load_sae
-from steering.localise.lift import lift_cost
 from steering.language.token_sets import LanguageTokenSets
+from steering.localise.lift import lift_cost
 
 N_LAYERS, D_MODEL, N_NEURONS, N_LATENTS = 4, 64, 128, 256
 ALPHAS = [0.25, 0.5, 1.0]
@@ -209,7 +209,7 @@ def test_resumed_run_reuses_lift_and_model_neurons_match_the_cache(pipeline, loa
     from omegaconf import OmegaConf
 
     from steering.localise.config import LocaliseAppConfig
-    from steering.localise.run import (paired_mlp_activations_from_model, run_localise)
+    from steering.localise.run import paired_mlp_activations_from_model, run_localise
     from steering.localise.selectivity import paired_codes_from_cache, paired_documents
 
     model, tokenizer, info = load_tiny("llama")

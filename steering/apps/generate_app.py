@@ -55,8 +55,8 @@ def run_generate(cfg) -> list[dict]:
     import torch
 
     from sae_train.models.loading import load_model
-    from steering.steer.artifact import SteeringArtifact
     from steering.language.defaultness import left_pad
+    from steering.steer.artifact import SteeringArtifact
     from steering.steer.runtime import prompt_with_prefix, steer
 
     if OmegaConf.is_config(cfg):

@@ -48,8 +48,8 @@ class SteerTuningConfig:
     # the window methods.
     caa_layer_stride: Optional[int] = None
     # End a λ line (fixed β) at its first point over the budget: larger strengths only cost
-    # more KL, so they could not be chosen (steering.evaluate.harness.tune_strengths). False: measure
-    # the whole grid.
+    # more KL, so they could not be chosen (steering.evaluate.harness.tune_strengths). False:
+    # measure the whole grid.
     stop_over_budget: bool = True
     # What a method's tuning maximises within the budget: "delta_m" (DESIGN: mean ΔM over the
     # first T steps) or "default" (a departure: the guarded DEFAULT rate of full-length
@@ -164,12 +164,12 @@ class SteerAppConfig:
     progress: bool = True
 
     def __post_init__(self):
-        from steering.steer.methods import METHODS
+        from steering.steer.methods import REGISTRY
 
         _check(self.target != self.english,
                f"target and english are both {self.target!r}: pick a target language")
-        unknown = sorted(set(self.methods) - set(METHODS))
-        _check(not unknown, f"methods: unknown {unknown}; use {list(METHODS)}")
+        unknown = sorted(set(self.methods) - set(REGISTRY))
+        _check(not unknown, f"methods: unknown {unknown}; use {list(REGISTRY)}")
         _check(self.primary in self.methods,
                f"primary={self.primary!r} is not among methods={self.methods}")
         unknown = sorted(set(self.frontier.methods) - set(self.methods))

@@ -47,12 +47,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from steering.steer.artifact import SteeringArtifact
+from steering.evaluate.judge import (FluencyGuards, bootstrap_ci, identifiers_for,
+                                     judge_continuation, summarise)
 from steering.language.defaultness import DEFAULT_TEMPLATE, greedy_language_masses, left_pad
-from steering.evaluate.judge import (FluencyGuards, bootstrap_ci, identifiers_for, judge_continuation,
-                            summarise)
-from steering.steer.runtime import prompt_with_prefix, steer
 from steering.language.token_sets import LanguageTokenSets
+from steering.steer.artifact import SteeringArtifact
+from steering.steer.runtime import prompt_with_prefix, steer
 
 log = logging.getLogger(__name__)
 

@@ -37,14 +37,14 @@ from steering.evaluate.harness import (EvalSettings, Generations, HeldOutText, c
 from steering.evaluate.judge import identifiers_for
 from steering.evaluate.native import native_prompts, native_template
 from steering.evaluate.report import write_report
-from steering.evaluate.tuning import (HarnessTuner, choose_steer_window, content_key,
-                                      tune_method)
+from steering.evaluate.tuning import HarnessTuner, choose_steer_window, content_key, tune_method
 from steering.language.token_sets import LanguageTokenSets
+from steering.localise.config import as_config
 from steering.steer.artifact import SteeringArtifact
 from steering.steer.build import ResidualMeans
 from steering.steer.localisation import Localisation
-from steering.steer.methods import (ABLATED_MODES, TUNED, BuildRequest, Placement, build,
-                                     method_spec)
+from steering.steer.methods import (ABLATED_MODES, BuildRequest, Placement, build, method_spec,
+                                     strengths_of)
 
 log = logging.getLogger("foxp2-steer")
 
@@ -138,7 +138,7 @@ class Reference:
 
 def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
     """Run stage III for ``cfg`` (a :class:`SteerAppConfig` or the app's DictConfig)."""
-    run = start_run(as_steer_config(cfg), model_bundle)
+    run = start_run(as_config(cfg, SteerAppConfig), model_bundle)
     splits = load_splits(run)
     reference = evaluate_reference(run, splits)
     base_key = result_key(run)
@@ -161,17 +161,6 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
                                        content_key({**base_key, "method": method}))
     report = assemble_report(run, splits, reference, methods, window, window_scan)
     return write_steer_report(run, report)
-
-
-def as_steer_config(cfg) -> SteerAppConfig:
-    """The app's DictConfig as its dataclass (a SteerAppConfig passes through)."""
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(cfg):
-        cfg = OmegaConf.to_object(cfg)
-    if not isinstance(cfg, SteerAppConfig):
-        raise TypeError(f"cfg must be a SteerAppConfig; got {type(cfg).__name__}")
-    return cfg
 
 
 def start_run(cfg: SteerAppConfig, model_bundle: tuple | None) -> SteerRun:
@@ -361,7 +350,7 @@ def tune_and_evaluate(run: SteerRun, method: str, request: BuildRequest, tuner: 
                                  settings=run.settings, reference=reference.gens,
                                  reference_nll=reference.nll, identifiers=run.identifiers,
                                  nll_offset=reference.nll_offset)
-    strengths = {} if TUNED[method] == "none" else {"lam": art.lam, "beta": art.beta}
+    strengths = {} if strengths_of(method) == "none" else {"lam": art.lam, "beta": art.beta}
     result = {"metrics": metrics, "strengths": strengths,
               "tuning": [p.to_dict() for p in points], "tuning_met_budget": ok,
               "artifact": str(art_dir), "describe": art.describe(),
@@ -482,7 +471,7 @@ def _same_as_primary(method: str, cfg: SteerAppConfig, methods: dict) -> dict | 
     evaluate the same edit, so the result is the primary's."""
     primary = methods.get(cfg.primary)
     if (not method_spec(method).same_as_primary_at_beta_zero or primary is None
-            or _ablation_of(cfg) != cfg.primary or TUNED[cfg.primary] != "both"):
+            or _ablation_of(cfg) != cfg.primary or strengths_of(cfg.primary) != "both"):
         return None
     if primary["strengths"].get("beta") != 0.0:
         return None

@@ -22,7 +22,7 @@ from steering.evaluate.harness import (EvalSettings, HeldOutText, TuningPoint, b
 from steering.language.token_sets import LanguageTokenSets
 from steering.steer.artifact import SteeringArtifact
 from steering.steer.localisation import Localisation
-from steering.steer.methods import TUNED, BuildRequest, Tuned, build, method_spec
+from steering.steer.methods import BuildRequest, Tuned, build, method_spec, strengths_of
 
 log = logging.getLogger("foxp2-steer")
 
@@ -84,7 +84,7 @@ def _scan_window(primary: str, request: BuildRequest, tuner: HarnessTuner, windo
                  lams: Sequence[float], betas: Sequence[float]) -> dict:
     """The primary method at ``window``, tuned on the scan grid (ΔM objective): one scan row."""
     art = build(primary, dataclasses.replace(request, window=window))
-    tuned, points, ok = tune_strengths(tuner.model, tuner.tokenizer, art, TUNED[primary],
+    tuned, points, ok = tune_strengths(tuner.model, tuner.tokenizer, art, strengths_of(primary),
                                        prompts=tuner.prompts, sentences=tuner.sentences,
                                        token_sets=tuner.token_sets,
                                        kl_budget=tuner.config.kl_budget, lams=lams, betas=betas,
@@ -106,7 +106,7 @@ def choose_steer_window(primary: str, request: BuildRequest, tuner: HarnessTuner
     the smallest KL) is the steering window. Cached in work/window.json."""
     loc = request.localisation
     cands = candidate_windows(loc, window_width, window_stride)
-    if len(cands) == 1 or TUNED[primary] == "none":
+    if len(cands) == 1 or strengths_of(primary) == "none":
         return cands[0], []
     key = content_key({**base_key, "windows": cands, "primary": primary})
     done = work / "window.json"
@@ -116,7 +116,7 @@ def choose_steer_window(primary: str, request: BuildRequest, tuner: HarnessTuner
             log.info("window: reused %s → %s", done, stored["window"])
             return stored["window"], stored["scan"]
     # the short scan grid (tuning.window_lams at β = 0); a β-only primary keeps its β grid
-    short = window_lams is not None and TUNED[primary] != "beta"
+    short = window_lams is not None and strengths_of(primary) != "beta"
     scan_lams = window_lams if short else tuner.config.lams
     scan_betas = [0.0] if short else tuner.config.betas
     scan = [_scan_window(primary, request, tuner, w, scan_lams, scan_betas) for w in cands]

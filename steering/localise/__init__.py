@@ -8,7 +8,10 @@
 ``spectra``      difference spectra per layer (σ, eigengap, r_eff, Mass, Stab, nulls)
 ``window``       the contiguous window of layers that maximises Σ Mass·Stab
 ``plots``        the localisation's PNGs
+``inputs``       the checked inputs: cache, languages, layers and SAEs, corpus texts
 ``layer``        one layer's analysis, as named steps (analyse_layer)
+``ledger``       seconds and forward passes per step; JSON writing and digests
+``outputs``      directions.safetensors and the plots
 ``run``          the orchestrator (run_localise) and the output formats it writes
 
 May import ``steering.language``; nothing of ``steer``, ``evaluate`` or ``apps``.

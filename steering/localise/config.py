@@ -28,6 +28,17 @@ class LocaliseConfigError(ValueError):
     """A localise setting that cannot work (names the key and what to do)."""
 
 
+def as_config(cfg, schema: type):
+    """An app's DictConfig as its dataclass ``schema`` (an instance of it passes through)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_object(cfg)
+    if not isinstance(cfg, schema):
+        raise TypeError(f"cfg must be a {schema.__name__}; got {type(cfg).__name__}")
+    return cfg
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise LocaliseConfigError(message)
@@ -35,7 +46,8 @@ def _check(ok: bool, message: str) -> None:
 
 @dataclass
 class TokenSetsConfig:
-    """Language token sets V_t, V_en (steering.language.token_sets; rule in its module docstring)."""
+    """Language token sets V_t, V_en (steering.language.token_sets; rule in its module
+    docstring)."""
 
     # Cache documents whose texts are counted (the corpus ratios): the discovery split.
     splits: list[str] = field(default_factory=lambda: ["discovery"])
@@ -60,7 +72,8 @@ class TokenSetsConfig:
 
 @dataclass
 class DefaultnessConfig:
-    """ΔM over the first T greedy steps (steering.language.defaultness), on neutral English prompts."""
+    """ΔM over the first T greedy steps (steering.language.defaultness), on neutral English
+    prompts."""
 
     # Greedy steps T.
     steps: int = 3
@@ -155,7 +168,8 @@ class LiftConfig:
 
 @dataclass
 class TracingConfig:
-    """Neuron tracing to the MLP of the same layer (steering.localise.tracing) and LAPE (steering.localise.lape)."""
+    """Neuron tracing to the MLP of the same layer (steering.localise.tracing) and LAPE
+    (steering.localise.lape)."""
 
     # Where the MLP-neuron activations (layers.{i}.mlp) come from: "auto" (the cache if it has
     # every needed mlp site, else the model), "cache" (error if missing) or "model" (always

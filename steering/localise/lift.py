@@ -14,7 +14,8 @@ The edit is added at **every position**: all prompt positions (padding included;
 are masked out anyway) and each of the T greedy steps (with the KV cache, a step's forward sees
 only its new token, which is edited too).
 
-**Lift.** With ΔM from :func:`steering.language.defaultness.defaultness` on neutral English prompts x::
+**Lift.** With ΔM from :func:`steering.language.defaultness.defaultness` on neutral English
+prompts x::
 
     Lift_j(α)   = E_x[ΔM(x; do(h += α s_ℓ d_j)) − ΔM(x)]
     LiftSlope_j = median over the α grid of Lift_j(α) / α      (the middle-two mean if even)
@@ -53,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sae_train.models.sites import (decoder_layers, first_tensor, resolve_sites, site_module)
+from sae_train.models.sites import decoder_layers, first_tensor, resolve_sites, site_module
 from steering.language.defaultness import DEFAULT_TEMPLATE, DefaultnessResult, defaultness, left_pad
 from steering.language.token_sets import LanguageTokenSets
 

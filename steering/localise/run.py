@@ -40,7 +40,8 @@ Pipeline
    no pair add no singular value and are dropped first, so the random-support null draws among
    latents that do differ (a draw of dead latents would be an all-zero ΔZ). The traced neurons
    N_t ∪ N_en get the same analysis on neuron activations (when ≥ 2). Window: contiguous
-   ``window.min_width``–``max_width`` layers maximising mean Mass·Stab (steering.localise.window), each
+   ``window.min_width``–``max_width`` layers maximising mean Mass·Stab
+   (steering.localise.window), each
    candidate logged with its layers' causal gains.
 
 Outputs (``out_dir``)
@@ -135,7 +136,7 @@ from sae_train.cache.reader import ActivationCache
 from sae_train.corpora.embedded import load_embedded_prompts
 from steering.language.defaultness import DefaultnessResult, defaultness
 from steering.language.token_sets import LanguageTokenSets, build_language_token_sets
-from steering.localise.config import LocaliseAppConfig
+from steering.localise.config import LocaliseAppConfig, as_config
 from steering.localise.inputs import (check_languages, corpus_texts, lift_prompt_indices,
                                       open_cache, paired_mlp_activations_from_model,
                                       provenance_checks, resolve_layers, tracing_source)
@@ -226,7 +227,7 @@ def run_localise(cfg, model_bundle: tuple | None = None) -> dict:
     """Run the whole localisation for ``cfg`` (a :class:`LocaliseAppConfig` or the app's
     DictConfig); write the outputs and return the summary. ``model_bundle``: an already loaded
     ``(model, tokenizer, ModelInfo)`` (else ``load_model(cfg.model)``)."""
-    cfg = as_localise_config(cfg)
+    cfg: LocaliseAppConfig = as_config(cfg, LocaliseAppConfig)
     started = time.perf_counter()
     set_up_process(cfg)
     ledger, paths = Ledger(), LocalisePaths.under(cfg.out_dir)
@@ -252,17 +253,6 @@ def run_localise(cfg, model_bundle: tuple | None = None) -> dict:
              ledger.seconds["total"], ledger.forwards["total"], choice.layers,
              {l: r.ranking.k for l, r in results.items()}, paths.loc / "summary.json")
     return jsonable(summary)
-
-
-def as_localise_config(cfg) -> LocaliseAppConfig:
-    """The app's DictConfig as its dataclass (a LocaliseAppConfig passes through)."""
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(cfg):
-        cfg = OmegaConf.to_object(cfg)
-    if not isinstance(cfg, LocaliseAppConfig):
-        raise TypeError(f"cfg must be a LocaliseAppConfig; got {type(cfg).__name__}")
-    return cfg
 
 
 def set_up_process(cfg: LocaliseAppConfig) -> None:

@@ -51,7 +51,7 @@ ABLATED_MODES = ("foxp2", "foxp2_neurons")
 
 __all__ = ["ABLATED_MODES", "METHODS", "NO_TUNING", "REGISTRY", "TUNED", "BuildRequest",
            "MethodSpec", "Placement", "Tuned", "Tuner", "Tuning", "build", "build_method",
-           "method_spec"]
+           "method_spec", "strengths_of"]
 
 
 def method_spec(method: str) -> MethodSpec:
@@ -59,6 +59,11 @@ def method_spec(method: str) -> MethodSpec:
     if method not in REGISTRY:
         raise BuildError(f"unknown method {method!r}; use one of {list(METHODS)}")
     return REGISTRY[method]
+
+
+def strengths_of(method: str) -> str:
+    """Which strengths ``method``'s tuning grid walks: "both", "lam", "beta" or "none"."""
+    return method_spec(method).tuning.strengths
 
 
 def build(method: str, request: BuildRequest) -> SteeringArtifact:
