@@ -3,7 +3,11 @@
 :func:`run_steer` is what ``foxp2-steer`` (:mod:`steering.apps.steer_app`) runs; settings are
 :class:`steering.evaluate.config.SteerAppConfig`. Splits (never mixed): the localisation used the
 **discovery** split; (λ, β) are tuned on the **tuning** split (prompts and target sentences);
-every number of the report comes from the **evaluation** split.
+every number of the report comes from the **evaluation** split. Each method is built and tuned
+as its entry in the registry says (:mod:`steering.steer.methods`); :func:`run_steer` is the list of
+steps, each a function below: start the run → load the splits → evaluate the unsteered reference
+→ the native row → choose the steering window → each method (reused, shared with the primary, or
+tuned and evaluated) → assemble and write the report.
 
 Outputs under ``out_dir``::
 
