@@ -9,7 +9,7 @@ T steps + KL_gen), each timed two ways on the same prompts, sentences and steer:
 
   plain     decode in batches of 16; the held-out text's unsteered log-probs recomputed on
             every call; the continuation NLL from full-sequence logits
-  harness   steering.evaluate as the pipeline runs it: 64-row decode batches, the unsteered
+  harness   steering.evaluate.harness as the pipeline runs it: 64-row decode batches, the unsteered
             log-probs of each split computed once (HeldOutText), the LM head only at the
             continuation's scored columns
 
@@ -28,7 +28,7 @@ import torch
 
 
 def synthetic_neuron_artifact(model, layers: list[int], n_neurons: int = 24):
-    from steering.artifact import LayerEdit, SteeringArtifact
+    from steering.steer.artifact import LayerEdit, SteeringArtifact
 
     width = model.config.get_text_config().intermediate_size
     g = torch.Generator().manual_seed(0)
@@ -44,7 +44,7 @@ def synthetic_neuron_artifact(model, layers: list[int], n_neurons: int = 24):
 @torch.no_grad()
 def plain_continuation_nll(model, tokenizer, prompts, continuations, skip, template):
     """The reference: full-sequence logits and log-softmax, one batch of 16 at a time."""
-    from steering.defaultness import left_pad
+    from steering.language.defaultness import left_pad
 
     device = next(model.parameters()).device
     out = np.full(len(prompts), np.nan)
@@ -71,9 +71,9 @@ def main() -> None:
     from sae_train.corpora.embedded import load_embedded_corpus, load_embedded_prompts
     from sae_train.models.loading import load_model
     from steering.apps import config_dir
-    from steering.evaluate import (EvalSettings, HeldOutText, continuation_nll, generate,
-                                   nll_guard_skip, sentence_scores)
-    from steering.token_sets import LanguageTokenSets
+    from steering.evaluate.harness import (EvalSettings, HeldOutText, continuation_nll, generate,
+                                           nll_guard_skip, sentence_scores)
+    from steering.language.token_sets import LanguageTokenSets
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="gemma3_270m", help="a conf/model/ name")

@@ -22,7 +22,7 @@ import torch
 
 
 def synthetic_artifact(model, layers: list[int], n_features: int = 16):
-    from steering.artifact import LayerEdit, SteeringArtifact
+    from steering.steer.artifact import LayerEdit, SteeringArtifact
 
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(0)
@@ -39,11 +39,11 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from sae_train.config import ModelConfig
-    from sae_train.models.loading import load_model
-    from steering.artifact import SteeringArtifact
     from sae_train.corpora.embedded import load_embedded_prompts
-    from steering.defaultness import DEFAULT_TEMPLATE, left_pad
-    from steering.runtime import steer
+    from sae_train.models.loading import load_model
+    from steering.language.defaultness import DEFAULT_TEMPLATE, left_pad
+    from steering.steer.artifact import SteeringArtifact
+    from steering.steer.runtime import steer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="gemma3_270m", help="a conf/model/ name")

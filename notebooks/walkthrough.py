@@ -278,7 +278,7 @@ for target in TARGETS:
 # ## Base vs steered generations
 #
 # Load the model and the primary artifact (`steer-<t>/artifacts/<primary>/`) and generate a
-# few greedy continuations with and without steering. `steering.runtime.steer` is a context
+# few greedy continuations with and without steering. `steering.steer.runtime.steer` is a context
 # manager that adds the artifact's hooks and removes them on exit. (Set
 # `FOXP2_NOTEBOOK_GENERATE=0` to skip; the same thing from the command line:
 # `foxp2-generate artifact=<run>/steer-<t>/artifacts/foxp2 model=<model>`.)
@@ -305,9 +305,9 @@ if MODEL_GENERATION:
     import torch
 
     from sae_train.models.loading import load_model
-    from steering.artifact import SteeringArtifact
-    from steering.defaultness import DEFAULT_TEMPLATE, left_pad
-    from steering.runtime import prompt_with_prefix, steer
+    from steering.steer.artifact import SteeringArtifact
+    from steering.language.defaultness import DEFAULT_TEMPLATE, left_pad
+    from steering.steer.runtime import prompt_with_prefix, steer
 
     model, tokenizer, info = load_model(model_config(MODEL_NAME))
     device = next(model.parameters()).device

@@ -83,8 +83,8 @@ def test_demo_report_fields_plots_and_artifacts(tiny_demo_run, foxp2_cache_root,
     range; plots are PNGs; artifacts load in a fresh process; a re-run skips every stage."""
     import math
 
-    from steering.artifact import SteeringArtifact
-    from steering.config import SteerAppConfig
+    from steering.evaluate.config import SteerAppConfig
+    from steering.steer.artifact import SteeringArtifact
 
     summary = json.loads((tiny_demo_run / "demo_summary.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == ["cache", "train", "localise-es",
@@ -171,7 +171,8 @@ def test_demo_report_fields_plots_and_artifacts(tiny_demo_run, foxp2_cache_root,
 
 
 def test_random_control_matches_foxp2s_push_norm_on_other_neurons(tiny_demo_run):
-    from steering.build import Localisation, build_method
+    from steering.steer.localisation import Localisation
+    from steering.steer.methods import build_method
 
     loc = Localisation(tiny_demo_run / "localise-es")
     window = [l for l in loc.window if loc.t(l, "target_neurons").numel()]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from steering.defaultness import DEFAULT_TEMPLATE, defaultness
-from steering.token_sets import LanguageTokenSets
+from steering.language.defaultness import DEFAULT_TEMPLATE, defaultness
+from steering.language.token_sets import LanguageTokenSets
 
 # Uneven lengths, so a batch of them is left-padded by up to ~20 tokens.
 PROMPTS = [
@@ -128,7 +128,7 @@ def test_bad_inputs_are_refused(load_tiny):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_repetition_penalty_decodes_as_generate_does(load_tiny, arch):
-    from steering.defaultness import greedy_language_masses, left_pad
+    from steering.language.defaultness import greedy_language_masses, left_pad
 
     model, tokenizer, _ = load_tiny(arch)
     sets = hand_sets(len(tokenizer))

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from sae_train.models.sites import decoder_layers
-from steering.artifact import LayerEdit, SteeringArtifact
-from steering.evaluate import (EvalSettings, evaluate_method, generate, sentence_scores,
-                               strength_grid, tune_strengths)
-from steering.judge import FluencyGuards
-from steering.token_sets import LanguageTokenSets
+from steering.evaluate.harness import (EvalSettings, evaluate_method, generate, sentence_scores,
+                                       strength_grid, tune_strengths)
+from steering.evaluate.judge import FluencyGuards
+from steering.language.token_sets import LanguageTokenSets
+from steering.steer.artifact import LayerEdit, SteeringArtifact
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -107,7 +107,7 @@ def test_metrics_of_the_planted_steer_are_consistent(planted):
     ids = tokenizer(SENTENCES[0], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         lp_base = model(ids).logits.float().log_softmax(-1)[0, :-1]
-        from steering.runtime import steer
+        from steering.steer.runtime import steer
         with steer(model, art, position="all"):
             lp = model(ids).logits.float().log_softmax(-1)[0, :-1]
     kl = float((lp.exp() * (lp - lp_base)).sum(-1).mean())
@@ -138,7 +138,8 @@ def test_tuning_picks_a_strength_within_the_budget(planted):
 def test_candidate_windows_and_bars():
     from types import SimpleNamespace
 
-    from steering.pipeline import BARS, _check_bars, candidate_windows
+    from steering.evaluate.pipeline import BARS, _check_bars
+    from steering.evaluate.tuning import candidate_windows
 
     loc = SimpleNamespace(window=[15, 16, 17], layers=list(range(18)))
     cands = candidate_windows(loc, 3, 3)
@@ -147,12 +148,11 @@ def test_candidate_windows_and_bars():
     assert candidate_windows(loc, None, 3) == [[15, 16, 17]]
     loc = SimpleNamespace(window=[1, 2], layers=[0, 1, 2, 3])
     assert candidate_windows(loc, 2, 1) == [[1, 2], [0, 1], [2, 3]]
-    from steering.pipeline import caa_candidate_layers
+    from steering.steer.methods.caa import caa_candidate_layers
 
     loc = SimpleNamespace(layers=list(range(18)), best_causal_layer=lambda: 15)
-    stride = lambda k: SimpleNamespace(tuning=SimpleNamespace(caa_layer_stride=k))  # noqa: E731
-    assert caa_candidate_layers(loc, stride(None)) == [15]
-    assert caa_candidate_layers(loc, stride(4)) == [0, 4, 8, 12, 15, 16]
+    assert caa_candidate_layers(loc, None) == [15]
+    assert caa_candidate_layers(loc, 4) == [0, 4, 8, 12, 15, 16]
     ok = {"default": {"mean": 0.96}, "nll_change_gen": {"mean": 0.01}}
     bars = _check_bars("es", ok, "foxp2")
     assert [b["met"] for b in bars] == [True, True] and len(bars) == len(BARS["es"])
@@ -216,7 +216,7 @@ def test_tuning_stops_a_line_at_its_first_point_over_the_budget(planted):
 
 
 def test_held_out_text_reuses_the_base_and_matches_plain_sentences(planted):
-    from steering.evaluate import HeldOutText
+    from steering.evaluate.harness import HeldOutText
 
     model, tokenizer, sets, direction = planted
     art = _artifact(direction)
@@ -236,8 +236,8 @@ def test_held_out_text_reuses_the_base_and_matches_plain_sentences(planted):
 
 
 def test_continuation_nll_scores_only_the_kept_columns_correctly(planted):
-    from steering.defaultness import DEFAULT_TEMPLATE
-    from steering.evaluate import continuation_nll
+    from steering.evaluate.harness import continuation_nll
+    from steering.language.defaultness import DEFAULT_TEMPLATE
 
     model, tokenizer, sets, _ = planted
     settings = EvalSettings(max_new_tokens=7, batch_size=4)
@@ -261,7 +261,7 @@ def test_continuation_nll_scores_only_the_kept_columns_correctly(planted):
 def test_positive_only_ablation_shares_the_primary_only_when_it_tuned_beta_zero():
     from types import SimpleNamespace
 
-    from steering.pipeline import _same_as_primary
+    from steering.evaluate.pipeline import _same_as_primary
 
     cfg = SimpleNamespace(primary="foxp2_neurons")
     beta0 = {"foxp2_neurons": {"strengths": {"lam": 4.0, "beta": 0.0}}}
@@ -276,7 +276,7 @@ def test_positive_only_ablation_shares_the_primary_only_when_it_tuned_beta_zero(
 
 
 def test_default_objective_ranks_by_guarded_default_within_the_budget(planted):
-    from steering.evaluate import guarded_default
+    from steering.evaluate.harness import guarded_default
 
     model, tokenizer, sets, direction = planted
     settings = EvalSettings(max_new_tokens=8, batch_size=4,
@@ -293,7 +293,7 @@ def test_default_objective_ranks_by_guarded_default_within_the_budget(planted):
         gens = generate(model, tokenizer, PROMPTS, art.with_strengths(lam=p.lam, beta=0.0,
                                                                       gamma=1.0),
                         sets, "es", settings=settings)
-        from steering.judge import identifiers_for
+        from steering.evaluate.judge import identifiers_for
         assert p.default == pytest.approx(guarded_default(gens, "es", identifiers_for("es"),
                                                           settings.guards))
     _, plain, _ = tune_strengths(model, tokenizer, art, "lam", **kw)
@@ -303,8 +303,8 @@ def test_default_objective_ranks_by_guarded_default_within_the_budget(planted):
 
 
 def test_default_failures_count_each_condition_a_continuation_misses():
-    from steering.evaluate import default_failures
-    from steering.judge import identifiers_for, judge_continuation
+    from steering.evaluate.harness import default_failures
+    from steering.evaluate.judge import identifiers_for, judge_continuation
 
     ids = identifiers_for("es")
     guards = FluencyGuards()
@@ -325,7 +325,7 @@ def test_default_failures_count_each_condition_a_continuation_misses():
 
 
 def test_best_point_prefers_the_objective_within_the_budget_else_the_smallest_kl():
-    from steering.evaluate import TuningPoint, best_point
+    from steering.evaluate.harness import TuningPoint, best_point
 
     a = TuningPoint(1.0, 0.0, delta_m=0.1, kl=0.2, within_budget=True, default=0.5)
     b = TuningPoint(2.0, 0.0, delta_m=0.3, kl=0.4, within_budget=True, default=0.2)
@@ -337,7 +337,7 @@ def test_best_point_prefers_the_objective_within_the_budget_else_the_smallest_kl
 
 
 def test_nll_guard_language_offset_raises_only_the_guards_allowance(planted):
-    from steering.evaluate import HeldOutText, language_nll_offset
+    from steering.evaluate.harness import HeldOutText, language_nll_offset
 
     model, tokenizer, sets, direction = planted
     english = ["The water of the sea is salty.", "I like to read books at night.",
@@ -353,7 +353,7 @@ def test_nll_guard_language_offset_raises_only_the_guards_allowance(planted):
                             guards=FluencyGuards(max_nll_increase=0.0))
     art = _artifact(direction)
     base = generate(model, tokenizer, PROMPTS, None, sets, "es", settings=settings)
-    from steering.evaluate import continuation_nll, nll_guard_skip
+    from steering.evaluate.harness import continuation_nll, nll_guard_skip
 
     ref_nll = continuation_nll(model, tokenizer, PROMPTS, base.new_ids,
                                nll_guard_skip(art.decode_steps), settings.template, 4)
@@ -369,10 +369,10 @@ def test_nll_guard_language_offset_raises_only_the_guards_allowance(planted):
 
 def test_native_reference_templates_prompts_and_the_ceiling_line():
     from sae_train.corpora.embedded import load_embedded_prompts
-    from steering.config import SteerEvalConfig
-    from steering.native import NativeReferenceError, native_prompts, native_template
-    from steering.pipeline import _method_eval_key
-    from steering.report import _native_bar_lines, markdown
+    from steering.evaluate.config import SteerEvalConfig
+    from steering.evaluate.native import NativeReferenceError, native_prompts, native_template
+    from steering.evaluate.pipeline import _method_eval_key
+    from steering.evaluate.report import _native_bar_lines, markdown
 
     assert native_template("es") == "Pregunta: {prompt}\nRespuesta:"
     assert native_template("hi").startswith("प्रश्न: {prompt}")
@@ -413,8 +413,8 @@ def test_native_reference_templates_prompts_and_the_ceiling_line():
 def test_repetition_penalty_setting_is_checked_and_keeps_stored_keys_at_one():
     import dataclasses
 
-    from steering.config import SteerEvalConfig
-    from steering.pipeline import _method_eval_key, _without_defaults
+    from steering.evaluate.config import SteerEvalConfig
+    from steering.evaluate.pipeline import _method_eval_key, _without_defaults
 
     with pytest.raises(ValueError, match="repetition_penalty"):
         SteerEvalConfig(repetition_penalty=0.0)
@@ -428,7 +428,7 @@ def test_repetition_penalty_setting_is_checked_and_keeps_stored_keys_at_one():
 
 
 def test_the_harness_decodes_with_the_settings_repetition_penalty(planted):
-    from steering.defaultness import left_pad
+    from steering.language.defaultness import left_pad
 
     model, tokenizer, sets, direction = planted
     penalised = EvalSettings(max_new_tokens=10, repetition_penalty=1.5)

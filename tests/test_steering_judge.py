@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from steering.judge import (CONFUSABLE, SCRIPTS, FluencyGuards, Judgement, LanguageIdentifier,
-                            bootstrap_ci, count_letters, distinct_n, first_line,
-                            identifiers_for, is_looping, judge_continuation,
-                            longest_tandem_repeat, looping_reason, max_ngram_share,
-                            script_fraction, summarise)
+from steering.evaluate.judge import (CONFUSABLE, SCRIPTS, FluencyGuards, Judgement,
+                                     LanguageIdentifier, bootstrap_ci, count_letters, distinct_n,
+                                     first_line, identifiers_for, is_looping, judge_continuation,
+                                     longest_tandem_repeat, looping_reason, max_ngram_share,
+                                     script_fraction, summarise)
 
 SPANISH = "La capital de Francia es París, una ciudad muy bonita y llena de historia."
 ENGLISH = "The capital of France is Paris, a beautiful city full of history and art."

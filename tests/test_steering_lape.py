@@ -9,8 +9,9 @@ from sae_train.cache.reader import ActivationCache
 from sae_train.cache.writer import write_activation_cache
 from sae_train.corpora.embedded import embedded_documents, load_embedded_corpus
 from sae_train.models.sites import resolve_sites
-from steering.lape import (activation_probabilities_from_cache,
-                           activation_probabilities_from_model, language_entropy, lape_neurons)
+from steering.localise.lape import (activation_probabilities_from_cache,
+                                    activation_probabilities_from_model, language_entropy,
+                                    lape_neurons)
 
 LANGS = ["en", "es", "hi"]
 
@@ -132,7 +133,7 @@ def test_gate_criterion_counts_positive_gate_projections(load_tiny):
 
 
 def test_stored_probabilities_are_computed_once_per_key(load_tiny, tmp_path):
-    from steering.lape import stored_activation_probabilities
+    from steering.localise.lape import stored_activation_probabilities
 
     model, tokenizer, _ = load_tiny("llama")
     texts = {lang: load_embedded_corpus(splits=["evaluation"]).texts[lang][:6] for lang in LANGS}

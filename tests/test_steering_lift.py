@@ -18,11 +18,12 @@ import pytest
 import torch
 
 from sae_train.models.sites import decoder_layers
-from steering.lift import (FeatureRanking, direction_top_tokens, lift_cost, logit_mass_lift,
-                           median_token_norm, rank_by_selectivity_and_lift, rank_features,
-                           saturation_k, site_delta_edit, typical_norm_from_model)
-from steering.selectivity import feature_selectivity
-from steering.token_sets import LanguageTokenSets
+from steering.language.token_sets import LanguageTokenSets
+from steering.localise.lift import (FeatureRanking, direction_top_tokens, lift_cost,
+                                    logit_mass_lift, median_token_norm,
+                                    rank_by_selectivity_and_lift, rank_features, saturation_k,
+                                    site_delta_edit, typical_norm_from_model)
+from steering.localise.selectivity import feature_selectivity
 
 SITE, LAYER = "layers.1.resid", 1
 PLANTED, DECOY, ANTI = 2, 0, 4  # not index 0: "first" must not win by position

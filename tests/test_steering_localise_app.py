@@ -21,8 +21,8 @@ from safetensors import safe_open
 from sae_train.cache.manifest import file_sha256
 from sae_train.cache.reader import ActivationCache
 from sae_train.saes import load_sae
-from steering.lift import lift_cost
-from steering.token_sets import LanguageTokenSets
+from steering.language.token_sets import LanguageTokenSets
+from steering.localise.lift import lift_cost
 
 N_LAYERS, D_MODEL, N_NEURONS, N_LATENTS = 4, 64, 128, 256
 ALPHAS = [0.25, 0.5, 1.0]
@@ -208,9 +208,9 @@ def test_resumed_run_reuses_lift_and_model_neurons_match_the_cache(pipeline, loa
     the pair documents) equal the cache's, so tracing finds the same N_t / N_en."""
     from omegaconf import OmegaConf
 
-    from steering.config import LocaliseAppConfig
-    from steering.localise import (paired_mlp_activations_from_model, run_localise)
-    from steering.selectivity import paired_codes_from_cache, paired_documents
+    from steering.localise.config import LocaliseAppConfig
+    from steering.localise.run import paired_mlp_activations_from_model, run_localise
+    from steering.localise.selectivity import paired_codes_from_cache, paired_documents
 
     model, tokenizer, info = load_tiny("llama")
     cache = ActivationCache(pipeline["cache"])
@@ -260,8 +260,8 @@ def _localise_in_process(monkeypatch, args: list[str]) -> None:
 
 
 def test_bad_input_is_refused_at_start_with_a_message(pipeline, tmp_path, monkeypatch):
-    from steering.config import LocaliseConfigError
-    from steering.localise import LocaliseError
+    from steering.localise.config import LocaliseConfigError
+    from steering.localise.run import LocaliseError
 
     base = [*LOCALISE, f"paths.root={tmp_path}", f"cache_dir={pipeline['cache']}",
             f"out_dir={tmp_path / 'out'}"]

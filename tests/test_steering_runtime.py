@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from sae_train.models.sites import decoder_layers, site_module
-from steering.artifact import ArtifactError, LayerEdit, SteeringArtifact
-from steering.defaultness import left_pad
-from steering.runtime import steer
+from steering.language.defaultness import left_pad
+from steering.steer.artifact import ArtifactError, LayerEdit, SteeringArtifact
+from steering.steer.runtime import steer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

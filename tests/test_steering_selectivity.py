@@ -10,8 +10,9 @@ from sae_train.cache.reader import ActivationCache
 from sae_train.cache.writer import write_activation_cache
 from sae_train.corpora.embedded import embedded_documents
 from sae_train.models.sites import resolve_sites
-from steering.selectivity import (document_codes, feature_selectivity, paired_codes_from_cache,
-                                  paired_documents, selectivity_from_cache)
+from steering.localise.selectivity import (document_codes, feature_selectivity,
+                                           paired_codes_from_cache, paired_documents,
+                                           selectivity_from_cache)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from steering.lift import rank_features
-from steering.plots import (plot_eigengap_reff, plot_selectivity_vs_lift, plot_spectra,
-                            plot_top_features, plot_window_scores)
-from steering.spectra import (analyse_differences, cyclic_derangement, effective_rank, eigengap,
-                              layer_spectra, layer_spectrum)
-from steering.window import WindowError, choose_window, window_from_spectra
+from steering.localise.lift import rank_features
+from steering.localise.plots import (plot_eigengap_reff, plot_selectivity_vs_lift, plot_spectra,
+                                     plot_top_features, plot_window_scores)
+from steering.localise.spectra import (analyse_differences, cyclic_derangement, effective_rank,
+                                       eigengap, layer_spectra, layer_spectrum)
+from steering.localise.window import WindowError, choose_window, window_from_spectra
 
 N_PAIRS, WIDTH = 200, 120
 SUPPORT = torch.arange(20, 32)  # |N| = 12 of 120 columns

@@ -9,8 +9,8 @@ import pytest
 
 from sae_train.corpora.embedded import load_embedded_corpus
 from sae_train.models.tiny import tiny_training_texts, train_byte_level_bpe, train_sentencepiece
-from steering.token_sets import (LanguageTokenSets, TokenSetError, build_language_token_sets,
-                                 decode_vocabulary)
+from steering.language.token_sets import (LanguageTokenSets, TokenSetError,
+                                          build_language_token_sets, decode_vocabulary)
 
 LANGS = ("en", "es", "hi")
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from sae_train.models.sites import decoder_layers
-from steering.lape import lape_neurons
-from steering.tracing import (TailRule, feature_neuron_weights, lape_overlap, neuron_overlap,
-                              neuron_write_matrix, robust_z, tail_neurons,
-                              trace_mlp_features, trace_resid_features)
+from steering.localise.lape import lape_neurons
+from steering.localise.tracing import (TailRule, feature_neuron_weights, lape_overlap,
+                                       neuron_overlap, neuron_write_matrix, robust_z, tail_neurons,
+                                       trace_mlp_features, trace_resid_features)
 
 LAYER = 1
 N1, N2 = 10, 77  # aligned with e*, more active on target text      → N_t

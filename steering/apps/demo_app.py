@@ -90,74 +90,107 @@ def _cached_layers(cache: Path) -> int | None:
     return sum(1 for s in json.loads(m.read_text())["sites"] if str(s).endswith(".resid"))
 
 
-def run_demo(cfg) -> dict:
-    if OmegaConf.is_config(cfg):
-        cfg = OmegaConf.to_object(cfg)
-    base = _folder(cfg).resolve()
-    base.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Stage:
+    """One subprocess of the demo: its app, target ("" for cache/train), folder, overrides."""
+
+    stage: str
+    target: str
+    out: Path
+    args: list[str]
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage}{'-' + self.target if self.target else ''}"
+
+
+def demo_plan(cfg, base: Path) -> list[Stage]:
+    """cache → train → (localise → steer) per target, each with its Hydra overrides."""
     cache, saes = base / "cache", base / "saes"
     common = [f"model={cfg.model}", f"paths.root={Path(cfg.root).resolve()}"]
-    plan: list[tuple[str, str, Path, list[str]]] = [
-        ("cache", "", cache, [*common, f"cache.dir={cache}", *cfg.cache]),
-        ("train", "", saes, [f"paths.root={Path(cfg.root).resolve()}", f"cache_dir={cache}",
-                             f"out_dir={saes}", "sites=layers.*.resid", *cfg.train]),
+    plan = [
+        Stage("cache", "", cache, [*common, f"cache.dir={cache}", *cfg.cache]),
+        Stage("train", "", saes, [f"paths.root={Path(cfg.root).resolve()}", f"cache_dir={cache}",
+                                  f"out_dir={saes}", "sites=layers.*.resid", *cfg.train]),
     ]
     for t in cfg.targets:
         loc = base / f"localise-{t}"
-        plan.append(("localise", t, loc, [*common, f"target={t}", f"cache_dir={cache}",
-                                          f"sae_dir={saes}", f"out_dir={loc}", *cfg.localise]))
-        plan.append(("steer", t, base / f"steer-{t}",
-                     [*common, f"target={t}", f"cache_dir={cache}", f"localise_dir={loc}",
-                      f"out_dir={base / f'steer-{t}'}", *cfg.steer]))
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
-    env.setdefault("WANDB_MODE", "offline")
-    timings = []
-    started = time.perf_counter()
-    for stage, target, out, args in plan:
-        label = f"{stage}{'-' + target if target else ''}"
-        if stage not in cfg.force and _done(stage, out, _cached_layers(cache)):
-            print(f"[foxp2-demo] {label}: outputs exist in {out}, skipped", flush=True)
-            timings.append({"stage": label, "seconds": 0.0, "skipped": True})
-            continue
-        cmd = [sys.executable, "-c", f"from {MODULES[stage]} import main; main()", *args]
-        if stage == "localise" and stage in cfg.force:
-            cmd.append("resume=false")
-        if stage == "steer" and stage in cfg.force:
-            cmd.append("resume=false")
-        print(f"[foxp2-demo] {label}: {shlex.join(cmd[3:])}", flush=True)
-        t0 = time.perf_counter()
-        result = subprocess.run(cmd, env=env, timeout=cfg.stage_timeout)
-        seconds = time.perf_counter() - t0
-        timings.append({"stage": label, "seconds": seconds, "skipped": False})
-        if result.returncode != 0:
-            raise SystemExit(f"[foxp2-demo] stage {label} failed (exit {result.returncode}); "
-                             f"re-run the same command to resume")
-    total = time.perf_counter() - started
-    summary = {"model": cfg.model, "targets": cfg.targets, "folder": str(base),
-               "stages": timings, "total_seconds": total, "reports": {}}
-    for t in cfg.targets:
-        rep = base / f"steer-{t}" / "report" / "report.json"
-        if rep.is_file():
-            r = json.loads(rep.read_text())
-            p = r["methods"][r["primary"]]["metrics"]
-            summary["reports"][t] = {"report": str(rep.with_suffix(".md")),
-                                     "window": r["window"], "primary": r["primary"],
-                                     "default": p["default"]["mean"],
-                                     "nll_change_gen": p["nll_change_gen"]["mean"],
-                                     "native_default": r["methods"].get("native", {})
-                                     .get("metrics", {}).get("default", {}).get("mean"),
-                                     "bars": r.get("bars", [])}
-    (base / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+        plan.append(Stage("localise", t, loc, [*common, f"target={t}", f"cache_dir={cache}",
+                                               f"sae_dir={saes}", f"out_dir={loc}",
+                                               *cfg.localise]))
+        plan.append(Stage("steer", t, base / f"steer-{t}",
+                          [*common, f"target={t}", f"cache_dir={cache}", f"localise_dir={loc}",
+                           f"out_dir={base / f'steer-{t}'}", *cfg.steer]))
+    return plan
+
+
+def run_stage(cfg, stage: Stage, cache: Path, env: dict) -> dict:
+    """Run one stage as a subprocess (skipped when its outputs exist); its timing row."""
+    label = stage.label
+    if stage.stage not in cfg.force and _done(stage.stage, stage.out, _cached_layers(cache)):
+        print(f"[foxp2-demo] {label}: outputs exist in {stage.out}, skipped", flush=True)
+        return {"stage": label, "seconds": 0.0, "skipped": True}
+    cmd = [sys.executable, "-c", f"from {MODULES[stage.stage]} import main; main()",
+           *stage.args]
+    if stage.stage in ("localise", "steer") and stage.stage in cfg.force:
+        cmd.append("resume=false")
+    print(f"[foxp2-demo] {label}: {shlex.join(cmd[3:])}", flush=True)
+    t0 = time.perf_counter()
+    result = subprocess.run(cmd, env=env, timeout=cfg.stage_timeout)
+    seconds = time.perf_counter() - t0
+    if result.returncode != 0:
+        raise SystemExit(f"[foxp2-demo] stage {label} failed (exit {result.returncode}); "
+                         f"re-run the same command to resume")
+    return {"stage": label, "seconds": seconds, "skipped": False}
+
+
+def report_summary(base: Path, target: str) -> dict | None:
+    """The primary method's numbers from a target's report.json (None before it exists)."""
+    rep = base / f"steer-{target}" / "report" / "report.json"
+    if not rep.is_file():
+        return None
+    r = json.loads(rep.read_text())
+    p = r["methods"][r["primary"]]["metrics"]
+    return {"report": str(rep.with_suffix(".md")), "window": r["window"],
+            "primary": r["primary"], "default": p["default"]["mean"],
+            "nll_change_gen": p["nll_change_gen"]["mean"],
+            "native_default": r["methods"].get("native", {}).get("metrics", {})
+            .get("default", {}).get("mean"),
+            "bars": r.get("bars", [])}
+
+
+def print_summary(summary: dict) -> None:
     print("\n[foxp2-demo] stage           seconds")
-    for row in timings:
+    for row in summary["stages"]:
         print(f"[foxp2-demo] {row['stage']:<15} {row['seconds']:8.1f}"
               f"{'  (skipped: outputs exist)' if row['skipped'] else ''}")
-    print(f"[foxp2-demo] total           {total:8.1f}")
+    print(f"[foxp2-demo] total           {summary['total_seconds']:8.1f}")
     for t, r in summary["reports"].items():
         print(f"[foxp2-demo] {t}: window {r['window']}, {r['primary']} DEFAULT "
               f"{r['default']:.2f}, ΔNLL(gen) {r['nll_change_gen']:+.3f}"
               + ("" if r["native_default"] is None
                  else f" (asked in {t}: {r['native_default']:.2f})") + f" → {r['report']}")
+
+
+def run_demo(cfg) -> dict:
+    """Every stage in order (finished ones skipped); writes and prints demo_summary.json."""
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_object(cfg)
+    base = _folder(cfg).resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    env.setdefault("WANDB_MODE", "offline")
+    started = time.perf_counter()
+    timings = [run_stage(cfg, stage, base / "cache", env) for stage in demo_plan(cfg, base)]
+    total = time.perf_counter() - started
+    summary = {"model": cfg.model, "targets": cfg.targets, "folder": str(base),
+               "stages": timings, "total_seconds": total, "reports": {}}
+    for t in cfg.targets:
+        row = report_summary(base, t)
+        if row is not None:
+            summary["reports"][t] = row
+    (base / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary)
     return summary
 
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae_train.config import ModelConfig, PathsConfig, register_configs
 from steering.apps import config_dir
-from steering.defaultness import DEFAULT_TEMPLATE
+from steering.language.defaultness import DEFAULT_TEMPLATE
 
 
 @dataclass
@@ -55,9 +55,9 @@ def run_generate(cfg) -> list[dict]:
     import torch
 
     from sae_train.models.loading import load_model
-    from steering.artifact import SteeringArtifact
-    from steering.defaultness import left_pad
-    from steering.runtime import prompt_with_prefix, steer
+    from steering.language.defaultness import left_pad
+    from steering.steer.artifact import SteeringArtifact
+    from steering.steer.runtime import prompt_with_prefix, steer
 
     if OmegaConf.is_config(cfg):
         cfg = OmegaConf.to_object(cfg)

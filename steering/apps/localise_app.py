@@ -7,8 +7,8 @@
 
 Reads an activation cache (``sae-cache``) and exported SAEs (``sae-train``); writes
 ``<out_dir>/localise/{summary,layers,token_sets}.json``, ``<out_dir>/directions.safetensors``
-and ``<out_dir>/plots/*.png`` (formats: :mod:`steering.localise`). Settings:
-:class:`steering.config.LocaliseAppConfig`.
+and ``<out_dir>/plots/*.png`` (formats: :mod:`steering.localise.run`). Settings:
+:class:`steering.localise.config.LocaliseAppConfig`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import hydra
 from omegaconf import DictConfig
 
 from steering.apps import config_dir
-from steering.config import register_localise_configs
-from steering.localise import run_localise
+from steering.localise.config import register_localise_configs
+from steering.localise.run import run_localise
 
 register_localise_configs()
 

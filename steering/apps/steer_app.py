@@ -6,7 +6,7 @@
 
 Builds every method's steer from the localisation, tunes (λ, β) on the tuning split, evaluates
 on the evaluation split and writes ``<out_dir>/artifacts/<method>/`` and
-``<out_dir>/report/{report.json, report.md, plots/}`` (see :mod:`steering.pipeline`).
+``<out_dir>/report/{report.json, report.md, plots/}`` (see :mod:`steering.evaluate.pipeline`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import hydra
 from omegaconf import DictConfig
 
 from steering.apps import config_dir
-from steering.config import register_steer_configs
-from steering.pipeline import run_steer
+from steering.evaluate.config import register_steer_configs
+from steering.evaluate.pipeline import run_steer
 
 register_steer_configs()
 

@@ -1,4 +1,4 @@
-"""Apply a :class:`~steering.artifact.SteeringArtifact` to any HF causal LM with hooks.
+"""Apply a :class:`~steering.steer.artifact.SteeringArtifact` to any HF causal LM with hooks.
 
     from steering import SteeringArtifact, steer
     art = SteeringArtifact.load("foxp2_runs/steer/gemma3-270m-hi/foxp2")
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_train.models.sites import first_tensor, site_module
-from steering.artifact import POSITION_MODES, ArtifactError, LayerEdit, SteeringArtifact
+from steering.steer.artifact import POSITION_MODES, ArtifactError, LayerEdit, SteeringArtifact
 
 
 class _Columns:

@@ -1,7 +1,7 @@
 """The steering window: a contiguous block of 3–6 layers (Neural FOXP2 item 6, second half).
 
-Each layer ℓ has a value v_ℓ = Mass_ℓ · Stab_ℓ (:class:`steering.spectra.LayerSpectrum`) and,
-optionally, a null value n_ℓ (a null's Mass·Stab at the same rank). Off by default: the
+Each layer ℓ has a value v_ℓ = Mass_ℓ · Stab_ℓ (:class:`steering.localise.spectra.LayerSpectrum`)
+and, optionally, a null value n_ℓ (a null's Mass·Stab at the same rank). Off by default: the
 random-support null asks "is this support special?", a fair contrast; the shuffled-pair null
 keeps the mean language shift μ, so where μ dominates (the clearest layers) it is nearly as
 high as the real value and subtracting it would penalise exactly those layers — read it as a

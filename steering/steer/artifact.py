@@ -5,7 +5,8 @@ A :class:`SteeringArtifact` is one ``steer.safetensors`` (the tensors) plus one 
 into one folder per (model, language, method). It is method-agnostic: Neural FOXP2 in feature,
 neuron or replace mode and every baseline of the evaluation (CAA, LAPE, random support,
 positive-/negative-only) are the same three kinds of per-layer edit, so one runtime
-(:mod:`steering.runtime`) and one harness (:mod:`steering.evaluate`) serve all of them.
+(:mod:`steering.steer.runtime`) and one harness (:mod:`steering.evaluate.harness`) serve all of
+them.
 
 Per-layer edit (:class:`LayerEdit`), at γ = 1 (``lam``, ``beta`` are the tuned λ, β)::
 

@@ -352,31 +352,25 @@ def _corpus_counts(tokenizer, texts: list[str], size: int) -> np.ndarray:
     return np.bincount(flat, minlength=size)
 
 
-def build_language_token_sets(
-    tokenizer,
-    corpus_texts: dict[str, Sequence[str]],
-    languages: Sequence[str],
-    *,
-    ratio: float = 3.0,
-    smoothing: float = 1.0,
-    min_count: int = 3,
-    use_wordfreq: bool = True,
-    min_zipf: float = 3.0,
-    partial_with_letters: bool = True,
-    scripts: dict[str, Sequence[str]] | None = None,
-    rivals: Sequence[str] = (),
-    n_examples: int = 20,
-) -> LanguageTokenSets:
-    """Build disjoint token sets for ``languages`` by the rule in this module's docstring.
+@dataclass
+class _Contest:
+    """The rule's state over the vocabulary: who may hold each token, who won it, and why."""
 
-    ``corpus_texts`` maps language → texts (the discovery split of a parallel corpus, say);
-    languages in it that are not requested act as rivals only. ``rivals``: more rival-only
-    languages without texts; they compete through their wordfreq lists (e.g. ``("es",)`` when
-    building V_en from an en/hi corpus, where Latin tokens would otherwise have no rival).
-    ``scripts`` adds or overrides entries of :data:`LANGUAGE_SCRIPTS`. Raises
-    :class:`TokenSetError` if a set is empty.
-    """
-    started = time.perf_counter()
+    in_play: list[str]  # requested languages first, then rival-only ones
+    texts: list[str]  # decoded tokens
+    eligible: np.ndarray  # (languages, vocab): every letter script of the token is the language's
+    owned: np.ndarray  # decided by script ownership
+    contested: np.ndarray  # eligible somewhere and not owned
+    reasons: np.ndarray
+    winner: np.ndarray  # index into in_play, -1: none
+    decided: np.ndarray  # the corpus ratios decided it (won or ambiguous)
+
+
+def _check_request(corpus_texts: dict[str, Sequence[str]], languages: Sequence[str], ratio: float,
+                   smoothing: float, min_count: int, use_wordfreq: bool,
+                   scripts: dict[str, Sequence[str]] | None, rivals: Sequence[str]):
+    """The requested languages, the script table, every language in play and their wordfreq
+    lists; a TokenSetError for a request the rule cannot serve."""
     if ratio <= 1:
         raise TokenSetError(f"ratio must be > 1 (got {ratio}); a ratio ≤ 1 is not one-vs-rest")
     if min_count < 1 or smoothing <= 0:
@@ -399,7 +393,13 @@ def build_language_token_sets(
         raise TokenSetError(f"rival language(s) {mute} have neither corpus texts nor a "
                             "wordfreq list (or use_wordfreq=False): they could claim tokens "
                             "without evidence. Give texts for them or drop them.")
-    name = tokenizer_name(tokenizer)
+    return languages, table, in_play, lists
+
+
+def _script_contest(tokenizer, table: dict, in_play: list[str], partial_with_letters: bool
+                    ) -> _Contest:
+    """Steps 1–3: eligibility by script, the reasons of tokens no language can hold, and
+    script ownership."""
     size = len(tokenizer)
     texts = decode_vocabulary(tokenizer, size)
     info = _token_scripts(texts)
@@ -428,95 +428,158 @@ def build_language_token_sets(
     owned = (n_eligible == 1) & ~latin
     winner[owned] = eligible[:, owned].argmax(0)
     reasons[owned] = _R["script"]
-
-    # 4. Corpus ratios among the corpus languages that can hold the token.
     contested = n_eligible >= 1
     contested &= ~owned
-    corpus_langs = [i for i, lang in enumerate(in_play) if corpus_texts.get(lang)]
-    decided = np.zeros(size, dtype=bool)
-    if corpus_langs:
-        counts = np.stack([_corpus_counts(tokenizer, corpus_texts[in_play[i]], size)
-                           for i in corpus_langs])
-        elig_c = eligible[corpus_langs]
-        n_tok = np.maximum(counts.sum(1, keepdims=True), 1)
-        rate = np.where(elig_c, (counts + smoothing) / n_tok, -np.inf)
-        total = np.where(elig_c, counts, 0).sum(0)
-        decided = contested & (elig_c.sum(0) >= 2) & (total >= min_count)
-        for row, lang_i in enumerate(corpus_langs if len(corpus_langs) >= 2 else []):
-            rival = np.delete(rate, row, axis=0).max(0)
-            win = decided & elig_c[row] & (counts[row] >= min_count) & (rate[row] >= ratio * rival)
-            winner[win] = lang_i
-            reasons[win] = _R["corpus"]
-        reasons[decided & (winner < 0)] = _R["ambiguous"]
-        corpus_count_of = {in_play[i]: counts[row] for row, i in enumerate(corpus_langs)}
-    else:
-        corpus_count_of = {}
+    return _Contest(in_play, texts, eligible, owned, contested, reasons, winner,
+                    np.zeros(size, dtype=bool))
 
-    # 5. Word lists for what the corpus did not decide.
+
+def _decide_by_corpus(contest: _Contest, tokenizer, corpus_texts: dict[str, Sequence[str]],
+                      ratio: float, smoothing: float, min_count: int) -> dict[str, np.ndarray]:
+    """Step 4: corpus ratios among the corpus languages that can hold the token. Returns the
+    corpus counts per language (the examples' ranking)."""
+    c, size = contest, len(contest.texts)
+    corpus_langs = [i for i, lang in enumerate(c.in_play) if corpus_texts.get(lang)]
+    if not corpus_langs:
+        return {}
+    counts = np.stack([_corpus_counts(tokenizer, corpus_texts[c.in_play[i]], size)
+                       for i in corpus_langs])
+    elig_c = c.eligible[corpus_langs]
+    n_tok = np.maximum(counts.sum(1, keepdims=True), 1)
+    rate = np.where(elig_c, (counts + smoothing) / n_tok, -np.inf)
+    total = np.where(elig_c, counts, 0).sum(0)
+    c.decided = c.contested & (elig_c.sum(0) >= 2) & (total >= min_count)
+    for row, lang_i in enumerate(corpus_langs if len(corpus_langs) >= 2 else []):
+        rival = np.delete(rate, row, axis=0).max(0)
+        win = c.decided & elig_c[row] & (counts[row] >= min_count) & (rate[row] >= ratio * rival)
+        c.winner[win] = lang_i
+        c.reasons[win] = _R["corpus"]
+    c.reasons[c.decided & (c.winner < 0)] = _R["ambiguous"]
+    return {c.in_play[i]: counts[row] for row, i in enumerate(corpus_langs)}
+
+
+def _decide_by_wordfreq(contest: _Contest, lists: dict, ratio: float, min_zipf: float
+                        ) -> dict[str, np.ndarray]:
+    """Step 5: word lists for what the corpus did not decide. Returns the Zipf frequencies per
+    language (the examples' ranking)."""
+    c, size = contest, len(contest.texts)
     zipf_of: dict[str, np.ndarray] = {}
-    if use_wordfreq:
-        wf_langs = [i for i, d in lists.items() if d is not None]
-        todo = contested & ~decided & (eligible[wf_langs].sum(0) >= 2) if wf_langs else None
-        if todo is not None and todo.any():
-            cand = np.flatnonzero(todo)
-            keys = [wordfreq_key(texts[i]) for i in cand]
-            zipf = np.full((len(wf_langs), len(cand)), -np.inf)
-            for row, lang_i in enumerate(wf_langs):
-                freq = lists[lang_i]
-                vals = np.fromiter((freq.get(k, 0.0) if k else 0.0 for k in keys),
-                                   dtype=np.float64, count=len(cand))
-                with np.errstate(divide="ignore"):
-                    zipf[row] = np.where(eligible[lang_i, cand] & (vals > 0),
-                                         np.log10(vals) + 9, -np.inf)
-                full = np.zeros(size)
-                full[cand] = np.where(np.isfinite(zipf[row]), zipf[row], 0.0)
-                zipf_of[in_play[lang_i]] = full
-            margin = math.log10(ratio)
-            heard = (zipf >= min_zipf).any(0)
-            for row, lang_i in enumerate(wf_langs):
-                rival = np.delete(zipf, row, axis=0).max(0)
-                win = (zipf[row] >= min_zipf) & (zipf[row] >= rival + margin)
-                winner[cand[win]] = lang_i
-                reasons[cand[win]] = _R["wordfreq"]
-            reasons[cand[heard & (winner[cand] < 0)]] = _R["ambiguous"]
+    wf_langs = [i for i, d in lists.items() if d is not None]
+    todo = c.contested & ~c.decided & (c.eligible[wf_langs].sum(0) >= 2) if wf_langs else None
+    if todo is None or not todo.any():
+        return zipf_of
+    cand = np.flatnonzero(todo)
+    keys = [wordfreq_key(c.texts[i]) for i in cand]
+    zipf = np.full((len(wf_langs), len(cand)), -np.inf)
+    for row, lang_i in enumerate(wf_langs):
+        freq = lists[lang_i]
+        vals = np.fromiter((freq.get(k, 0.0) if k else 0.0 for k in keys),
+                           dtype=np.float64, count=len(cand))
+        with np.errstate(divide="ignore"):
+            zipf[row] = np.where(c.eligible[lang_i, cand] & (vals > 0),
+                                 np.log10(vals) + 9, -np.inf)
+        full = np.zeros(size)
+        full[cand] = np.where(np.isfinite(zipf[row]), zipf[row], 0.0)
+        zipf_of[c.in_play[lang_i]] = full
+    margin = math.log10(ratio)
+    heard = (zipf >= min_zipf).any(0)
+    for row, lang_i in enumerate(wf_langs):
+        rival = np.delete(zipf, row, axis=0).max(0)
+        win = (zipf[row] >= min_zipf) & (zipf[row] >= rival + margin)
+        c.winner[cand[win]] = lang_i
+        c.reasons[cand[win]] = _R["wordfreq"]
+    c.reasons[cand[heard & (c.winner[cand] < 0)]] = _R["ambiguous"]
+    return zipf_of
 
-    # Winners that are rivals only (not requested) take the token out of every requested set.
-    requested = np.array([lang in languages for lang in in_play])
-    contrast = (winner >= 0) & ~requested[np.maximum(winner, 0)]
-    reasons[contrast] = _R["contrast_language"]
-    winner[contrast] = -1
-    labels = winner.astype(np.int16)  # requested languages come first in in_play
 
+def _requested_labels(contest: _Contest, languages: Sequence[str]) -> np.ndarray:
+    """Winners that are rivals only (not requested) take the token out of every requested
+    set; the label of each token (index into ``languages``, -1: none)."""
+    c = contest
+    requested = np.array([lang in languages for lang in c.in_play])
+    contrast = (c.winner >= 0) & ~requested[np.maximum(c.winner, 0)]
+    c.reasons[contrast] = _R["contrast_language"]
+    c.winner[contrast] = -1
+    return c.winner.astype(np.int16)  # requested languages come first in in_play
+
+
+def _check_not_empty(contest: _Contest, labels: np.ndarray, languages: Sequence[str],
+                     table: dict, corpus_texts: dict[str, Sequence[str]], name: str) -> None:
+    """A TokenSetError naming why, when a requested language got no token."""
+    c, problems = contest, []
+    for i, lang in enumerate(languages):
+        if (labels == i).any():
+            continue
+        why = {REASONS[code]: int(n) for code, n in
+               zip(*np.unique(c.reasons[c.eligible[i]], return_counts=True))}
+        problems.append(
+            f"the token set of language {lang!r} is empty for tokenizer {name}: "
+            f"{int(c.eligible[i].sum())} tokens have only {'/'.join(table[lang])} letters"
+            + (f" (why none is {lang!r}: {why})" if why else "")
+            + (f"; {lang!r} has no corpus texts" if not corpus_texts.get(lang) else "")
+            + ("; tokens of a shared script need a rival language sharing it (corpus texts "
+               "or rivals=...)" if not any(j != i and set(table[other]) & set(table[lang])
+                                           for j, other in enumerate(c.in_play)) else ""))
+    if problems:
+        raise TokenSetError("; ".join(problems) + ". Check the language codes, give corpus "
+                            "texts (and a rival language sharing the script), or use another "
+                            "tokenizer.")
+
+
+def _examples(contest: _Contest, labels: np.ndarray, languages: Sequence[str],
+              corpus_count_of: dict, zipf_of: dict, n_examples: int) -> dict[str, list[str]]:
+    """Each set's most frequent tokens (corpus count first, then Zipf frequency)."""
+    size, examples = len(contest.texts), {}
+    for i, lang in enumerate(languages):
+        members = np.flatnonzero(labels == i)
+        score = corpus_count_of.get(lang, np.zeros(size))[members].astype(np.float64)
+        score = score * 100 + zipf_of.get(lang, np.zeros(size))[members]
+        top = members[np.argsort(-score, kind="stable")[:n_examples]]
+        examples[lang] = [contest.texts[j] for j in top]
+    return examples
+
+
+def build_language_token_sets(
+    tokenizer,
+    corpus_texts: dict[str, Sequence[str]],
+    languages: Sequence[str],
+    *,
+    ratio: float = 3.0,
+    smoothing: float = 1.0,
+    min_count: int = 3,
+    use_wordfreq: bool = True,
+    min_zipf: float = 3.0,
+    partial_with_letters: bool = True,
+    scripts: dict[str, Sequence[str]] | None = None,
+    rivals: Sequence[str] = (),
+    n_examples: int = 20,
+) -> LanguageTokenSets:
+    """Build disjoint token sets for ``languages`` by the rule in this module's docstring.
+
+    ``corpus_texts`` maps language → texts (the discovery split of a parallel corpus, say);
+    languages in it that are not requested act as rivals only. ``rivals``: more rival-only
+    languages without texts; they compete through their wordfreq lists (e.g. ``("es",)`` when
+    building V_en from an en/hi corpus, where Latin tokens would otherwise have no rival).
+    ``scripts`` adds or overrides entries of :data:`LANGUAGE_SCRIPTS`. Raises
+    :class:`TokenSetError` if a set is empty.
+    """
+    started = time.perf_counter()
+    languages, table, in_play, lists = _check_request(corpus_texts, languages, ratio, smoothing,
+                                                      min_count, use_wordfreq, scripts, rivals)
+    name = tokenizer_name(tokenizer)
+    contest = _script_contest(tokenizer, table, in_play, partial_with_letters)
+    corpus_count_of = _decide_by_corpus(contest, tokenizer, corpus_texts, ratio, smoothing,
+                                        min_count)
+    zipf_of = _decide_by_wordfreq(contest, lists, ratio, min_zipf) if use_wordfreq else {}
+    labels = _requested_labels(contest, languages)
     rule = dict(ratio=ratio, smoothing=smoothing, min_count=min_count,
                 use_wordfreq=use_wordfreq, min_zipf=min_zipf,
                 partial_with_letters=partial_with_letters, in_play=in_play,
                 rivals_only=[lang for lang in in_play if lang not in languages],
                 scripts={lang: list(table[lang]) for lang in in_play},
                 corpus_tokens={lang: int(c.sum()) for lang, c in corpus_count_of.items()})
-    problems = []
-    for i, lang in enumerate(languages):
-        if (labels == i).any():
-            continue
-        why = {REASONS[c]: int(n) for c, n in
-               zip(*np.unique(reasons[eligible[i]], return_counts=True))}
-        problems.append(
-            f"the token set of language {lang!r} is empty for tokenizer {name}: "
-            f"{int(eligible[i].sum())} tokens have only {'/'.join(table[lang])} letters"
-            + (f" (why none is {lang!r}: {why})" if why else "")
-            + (f"; {lang!r} has no corpus texts" if not corpus_texts.get(lang) else "")
-            + ("; tokens of a shared script need a rival language sharing it (corpus texts "
-               "or rivals=...)" if not any(j != i and set(table[other]) & set(table[lang])
-                                           for j, other in enumerate(in_play)) else ""))
-    if problems:
-        raise TokenSetError("; ".join(problems) + ". Check the language codes, give corpus "
-                            "texts (and a rival language sharing the script), or use another "
-                            "tokenizer.")
-    examples = {}
-    for i, lang in enumerate(languages):
-        members = np.flatnonzero(labels == i)
-        score = corpus_count_of.get(lang, np.zeros(size))[members].astype(np.float64)
-        score = score * 100 + zipf_of.get(lang, np.zeros(size))[members]
-        top = members[np.argsort(-score, kind="stable")[:n_examples]]
-        examples[lang] = [texts[j] for j in top]
-    return LanguageTokenSets(languages, labels, reasons, tokenizer=name, rule=rule,
-                             examples=examples, build_seconds=time.perf_counter() - started)
+    _check_not_empty(contest, labels, languages, table, corpus_texts, name)
+    examples = _examples(contest, labels, languages, corpus_count_of, zipf_of, n_examples)
+    return LanguageTokenSets(languages, labels, reasons=contest.reasons, tokenizer=name,
+                             rule=rule, examples=examples,
+                             build_seconds=time.perf_counter() - started)

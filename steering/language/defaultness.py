@@ -1,7 +1,7 @@
 """Defaultness ΔM: how much next-token mass a model puts on the target language over English.
 
 For a prompt x, greedy decoding gives contexts ctx_1 (the prompt) … ctx_T (prompt + the first
-T-1 greedy tokens). With V_L a language token set (:mod:`steering.token_sets`)::
+T-1 greedy tokens). With V_L a language token set (:mod:`steering.language.token_sets`)::
 
     M_t^L(x) = Σ_{u ∈ V_L} p(u | ctx_t)            (softmax of the step-t logits, float32)
     ΔM(x)    = (1/T) Σ_{t ≤ T} (M_t^tgt(x) − M_t^en(x))      T = ``steps``, default 3
@@ -27,7 +27,7 @@ from typing import Callable, ContextManager, Sequence
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from steering.token_sets import LanguageTokenSets
+from steering.language.token_sets import LanguageTokenSets
 
 DEFAULT_TEMPLATE = "Question: {prompt}\nAnswer:"
 

@@ -8,8 +8,8 @@ pre-activation (encoder direction e_j, a row of ``W_enc``) is::
 
 with ``a_n`` the ``layers.{i}.mlp`` activations (the down projection's input). Neurons are
 ranked by ``score_{j,n} = E_tgt[c_{j,n}] − E_en[c_{j,n}] = w_{j,n} · (E_tgt[a_n] − E_en[a_n])``
-over parallel pairs (per-sentence activations, see :mod:`steering.selectivity`). For several
-features the scores are summed with ``feature_weights`` (default 1 each; e.g. their ranking
+over parallel pairs (per-sentence activations, see :mod:`steering.localise.selectivity`). For
+several features the scores are summed with ``feature_weights`` (default 1 each; e.g. their ranking
 scores). Gemma's ``post_feedforward_layernorm`` sits between the MLP and the residual: its
 per-channel scale (1 + weight) is folded into W_down (:func:`neuron_write_matrix`); its per-token
 1/RMS factor is positive and shared by all neurons of a token, so it is left out.

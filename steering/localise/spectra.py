@@ -269,7 +269,8 @@ def layer_spectrum(z_target: Tensor, z_english: Tensor,
     """Spectrum of one layer's paired differences, with nulls.
 
     ``z_target``, ``z_english``: (n_pairs, width) per-sentence codes, row k of both from pair k
-    (e.g. :class:`steering.selectivity.PairedCodes`). ``support``: column indices N (None: all).
+    (e.g. :class:`steering.localise.selectivity.PairedCodes`). ``support``: column indices N
+    (None: all).
     ``n_boot`` resamples for stability (``null_boot`` for each of the ``n_null`` null draws);
     everything random is drawn from ``seed``.
     """

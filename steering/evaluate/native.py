@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from sae_train.corpora.embedded import Prompt, load_prompt_translations
-from steering.defaultness import DEFAULT_TEMPLATE
+from steering.language.defaultness import DEFAULT_TEMPLATE
 
-# The English template (steering.defaultness.DEFAULT_TEMPLATE) in each language.
+# The English template (steering.language.defaultness.DEFAULT_TEMPLATE) in each language.
 NATIVE_TEMPLATES = {
     "en": DEFAULT_TEMPLATE,
     "es": "Pregunta: {prompt}\nRespuesta:",

@@ -1,13 +1,13 @@
 """One evaluation harness for every steering method (DESIGN "Evaluation protocol").
 
-For a method (a :class:`~steering.artifact.SteeringArtifact`, or ``None`` for the unsteered
+For a method (a :class:`~steering.steer.artifact.SteeringArtifact`, or ``None`` for the unsteered
 model) and a target language:
 
 **Generations** on neutral English prompts (greedy, ``max_new_tokens``, batched with left
 padding, the steer active as in use). From the same decode: ΔM over the first T steps
-(:mod:`steering.defaultness`' definition, from the decode's own softmax), the head (first
+(:mod:`steering.language.defaultness`' definition, from the decode's own softmax), the head (first
 ``head_tokens`` = 16 new tokens) and the full continuation (up to the first EOS).
-Each continuation is judged by :func:`steering.judge.judge_continuation`:
+Each continuation is judged by :func:`steering.evaluate.judge.judge_continuation`:
 
 - **DEFAULT** = ΔM > 0 and the head is identified as the target (ID restricted to
   {target, English}, confidence ≥ 0.9) and the continuation passes the fluency guards:
@@ -47,12 +47,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from steering.artifact import SteeringArtifact
-from steering.defaultness import DEFAULT_TEMPLATE, greedy_language_masses, left_pad
-from steering.judge import (FluencyGuards, bootstrap_ci, identifiers_for, judge_continuation,
-                            summarise)
-from steering.runtime import prompt_with_prefix, steer
-from steering.token_sets import LanguageTokenSets
+from steering.evaluate.judge import (FluencyGuards, bootstrap_ci, identifiers_for,
+                                     judge_continuation, summarise)
+from steering.language.defaultness import DEFAULT_TEMPLATE, greedy_language_masses, left_pad
+from steering.language.token_sets import LanguageTokenSets
+from steering.steer.artifact import SteeringArtifact
+from steering.steer.runtime import prompt_with_prefix, steer
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ def default_failures(delta_m: np.ndarray, judgements, target: str,
     """Why continuations miss DEFAULT: the fraction of all continuations that fail each
     condition (not exclusive; a looping English answer counts under both): ``delta_m``
     (ΔM ≤ 0), ``language`` (the head is not identified as ``target`` at the confidence
-    floor, guards aside) and each fluency guard (:func:`steering.judge.failed_guards`)."""
+    floor, guards aside) and each fluency guard (:func:`steering.evaluate.judge.failed_guards`)."""
     n = max(len(judgements), 1)
     counts = dict.fromkeys(FAILURE_REASONS, 0)
     for dm, j in zip(delta_m, judgements):

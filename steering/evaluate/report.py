@@ -126,7 +126,7 @@ def _native_bar_lines(report: dict) -> list[str]:
 
 
 def _failure_table(report: dict) -> list[str]:
-    """Why each method's continuations miss DEFAULT (steering.evaluate.default_failures)."""
+    """Why each method's continuations miss DEFAULT (steering.evaluate.harness.default_failures)."""
     rows = {name: m["metrics"]["default_failures"] for name, m in report["methods"].items()
             if m["metrics"].get("default_failures")}
     if not rows:
@@ -135,7 +135,7 @@ def _failure_table(report: dict) -> list[str]:
     out = ["", "## Where DEFAULT fails", "",
            "Fraction of the evaluation prompts failing each condition (not exclusive): "
            "`delta_m` ΔM ≤ 0, `language` first 16 tokens not identified as the target, then "
-           "the fluency guards (steering/judge.py states the thresholds).", "",
+           "the fluency guards (steering/evaluate/judge.py states the thresholds).", "",
            "| method | DEFAULT | " + " | ".join(reasons) + " |", "|---|---|" + "---|" * len(reasons)]
     for name, f in rows.items():
         d = report["methods"][name]["metrics"]["default"]["mean"]
@@ -166,59 +166,63 @@ def _scan_tables(report: dict) -> list[str]:
     return out
 
 
-def plots(report: dict, folder: Path) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _save_png(fig, path: Path) -> str:
+    """Write ``fig`` (pyplot) at ``path`` and close it."""
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_frontier(report: dict, frontier: dict, folder: Path) -> dict[str, str]:
+    """frontier.png (KL vs DEFAULT per method, native ceiling) and default_vs_gamma.png."""
+    import matplotlib.pyplot as plt
+
     out: dict[str, str] = {}
-    frontier = report.get("frontier") or {}
-    if frontier:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, pts in frontier.items():
-            ax.plot([p["kl"] for p in pts], [p["default"] for p in pts], "o-", label=name)
-        ceiling = native_ceiling(report)
-        if ceiling is not None:
-            ax.axhline(ceiling["mean"], color="tab:gray", ls="--", lw=1,
-                       label=f"native (asked in {report['target']})")
-        ax.set_xlabel("KL(steered ‖ base), nats/token (gen positions)")
-        ax.set_ylabel("DEFAULT rate")
-        ax.set_title(f"KL–DEFAULT frontier ({report['target']})")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = folder / "frontier.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        out["frontier"] = str(p)
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, pts in frontier.items():
-            ax.plot([p["gamma"] for p in pts], [p["default"] for p in pts], "o-", label=name)
-        ax.set_xlabel("γ (× tuned strengths)")
-        ax.set_ylabel("DEFAULT rate")
-        ax.set_title(f"DEFAULT vs γ ({report['target']})")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = folder / "default_vs_gamma.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        out["default_vs_gamma"] = str(p)
-    gains = report.get("layer_gains") or {}
-    if gains:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        layers = sorted(gains, key=int)
-        window = set(report.get("window", []))
-        ax.bar([int(l) for l in layers], [gains[l] or 0 for l in layers],
-               color=["tab:orange" if int(l) in window else "tab:blue" for l in layers])
-        ax.set_xlabel("layer (orange: window)")
-        ax.set_ylabel("single-layer causal gain (ΔM lift)")
-        ax.set_title(f"Per-layer gains ({report['target']})")
-        fig.tight_layout()
-        p = folder / "layer_gains.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        out["layer_gains"] = str(p)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in frontier.items():
+        ax.plot([p["kl"] for p in pts], [p["default"] for p in pts], "o-", label=name)
+    ceiling = native_ceiling(report)
+    if ceiling is not None:
+        ax.axhline(ceiling["mean"], color="tab:gray", ls="--", lw=1,
+                   label=f"native (asked in {report['target']})")
+    ax.set_xlabel("KL(steered ‖ base), nats/token (gen positions)")
+    ax.set_ylabel("DEFAULT rate")
+    ax.set_title(f"KL–DEFAULT frontier ({report['target']})")
+    ax.legend(fontsize=7)
+    out["frontier"] = _save_png(fig, folder / "frontier.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in frontier.items():
+        ax.plot([p["gamma"] for p in pts], [p["default"] for p in pts], "o-", label=name)
+    ax.set_xlabel("γ (× tuned strengths)")
+    ax.set_ylabel("DEFAULT rate")
+    ax.set_title(f"DEFAULT vs γ ({report['target']})")
+    ax.legend(fontsize=7)
+    out["default_vs_gamma"] = _save_png(fig, folder / "default_vs_gamma.png")
+    return out
+
+
+def plot_layer_gains(report: dict, gains: dict, folder: Path) -> str:
+    """layer_gains.png: each layer's single-layer causal gain, the window in orange."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    layers = sorted(gains, key=int)
+    window = set(report.get("window", []))
+    ax.bar([int(l) for l in layers], [gains[l] or 0 for l in layers],
+           color=["tab:orange" if int(l) in window else "tab:blue" for l in layers])
+    ax.set_xlabel("layer (orange: window)")
+    ax.set_ylabel("single-layer causal gain (ΔM lift)")
+    ax.set_title(f"Per-layer gains ({report['target']})")
+    return _save_png(fig, folder / "layer_gains.png")
+
+
+def plot_default_by_method(report: dict, folder: Path) -> str:
+    """default_by_method.png: DEFAULT with its CI per method, the native ceiling and the bar."""
+    import matplotlib.pyplot as plt
+
     methods = report["methods"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = list(methods)
@@ -240,33 +244,48 @@ def plots(report: dict, folder: Path) -> dict[str, str]:
     ax.set_ylabel("DEFAULT (95% CI)")
     ax.set_ylim(0, 1.05)
     ax.set_title(f"DEFAULT by method ({report['target']})")
-    fig.tight_layout()
-    p = folder / "default_by_method.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    out["default_by_method"] = str(p)
-    failures = {n: m["metrics"]["default_failures"] for n, m in methods.items()
+    return _save_png(fig, folder / "default_by_method.png")
+
+
+def plot_default_failures(report: dict, failures: dict, folder: Path) -> str:
+    """default_failures.png: per method, the fraction of prompts failing each DEFAULT part."""
+    import matplotlib.pyplot as plt
+
+    reasons = [r for r in next(iter(failures.values()))
+               if any(f[r] > 0 for f in failures.values())] or ["delta_m"]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    width = 0.8 / len(reasons)
+    for i, r in enumerate(reasons):
+        ax.bar([j + i * width for j in range(len(failures))],
+               [f[r] for f in failures.values()], width, label=r)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(failures))], list(failures),
+                  rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("fraction of prompts failing")
+    ax.set_ylim(0, 1.3)  # headroom: the legend sits above the bars
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_title(f"Why DEFAULT fails ({report['target']}; not exclusive)")
+    ax.legend(fontsize=7, ncol=len(reasons), loc="upper center")
+    return _save_png(fig, folder / "default_failures.png")
+
+
+def plots(report: dict, folder: Path) -> dict[str, str]:
+    """The report's PNGs in ``folder``: {name: path} of those written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, str] = {}
+    frontier = report.get("frontier") or {}
+    if frontier:
+        out.update(plot_frontier(report, frontier, folder))
+    gains = report.get("layer_gains") or {}
+    if gains:
+        out["layer_gains"] = plot_layer_gains(report, gains, folder)
+    out["default_by_method"] = plot_default_by_method(report, folder)
+    failures = {n: m["metrics"]["default_failures"] for n, m in report["methods"].items()
                 if m["metrics"].get("default_failures")}
     if failures:
-        reasons = [r for r in next(iter(failures.values()))
-                   if any(f[r] > 0 for f in failures.values())] or ["delta_m"]
-        fig, ax = plt.subplots(figsize=(8, 3.8))
-        width = 0.8 / len(reasons)
-        for i, r in enumerate(reasons):
-            ax.bar([j + i * width for j in range(len(failures))],
-                   [f[r] for f in failures.values()], width, label=r)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(failures))], list(failures),
-                      rotation=40, ha="right", fontsize=8)
-        ax.set_ylabel("fraction of prompts failing")
-        ax.set_ylim(0, 1.3)  # headroom: the legend sits above the bars
-        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-        ax.set_title(f"Why DEFAULT fails ({report['target']}; not exclusive)")
-        ax.legend(fontsize=7, ncol=len(reasons), loc="upper center")
-        fig.tight_layout()
-        p = folder / "default_failures.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        out["default_failures"] = str(p)
+        out["default_failures"] = plot_default_failures(report, failures, folder)
     return out
 
 

@@ -14,7 +14,8 @@ The edit is added at **every position**: all prompt positions (padding included;
 are masked out anyway) and each of the T greedy steps (with the KV cache, a step's forward sees
 only its new token, which is edited too).
 
-**Lift.** With ΔM from :func:`steering.defaultness.defaultness` on neutral English prompts x::
+**Lift.** With ΔM from :func:`steering.language.defaultness.defaultness` on neutral English
+prompts x::
 
     Lift_j(α)   = E_x[ΔM(x; do(h += α s_ℓ d_j)) − ΔM(x)]
     LiftSlope_j = median over the α grid of Lift_j(α) / α      (the middle-two mean if even)
@@ -30,7 +31,7 @@ strengths, batch size B and T steps::
 
 (at most |α| · ceil(F · P / B) edited generations, fewer when rows of different α share a batch).
 Each row's ΔM does not depend on which rows share its batch (left padding with position ids, as
-in :mod:`steering.defaultness`), which the tests check against one feature at a time.
+in :mod:`steering.language.defaultness`), which the tests check against one feature at a time.
 
 **Ranking.** Score_j = max(Sel_j, 0) · max(LiftSlope_j, 0). Screen: the ``top_m`` latents by
 Sel (Sel > 0 only); verify: lift of those; rank by Score. **K rule** (:func:`saturation_k`): sort
@@ -53,9 +54,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sae_train.models.sites import (decoder_layers, first_tensor, resolve_sites, site_module)
-from steering.defaultness import DEFAULT_TEMPLATE, DefaultnessResult, defaultness, left_pad
-from steering.token_sets import LanguageTokenSets
+from sae_train.models.sites import decoder_layers, first_tensor, resolve_sites, site_module
+from steering.language.defaultness import DEFAULT_TEMPLATE, DefaultnessResult, defaultness, left_pad
+from steering.language.token_sets import LanguageTokenSets
 
 log = logging.getLogger(__name__)
 

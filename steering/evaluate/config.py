@@ -1,0 +1,185 @@
+"""Structured config of ``foxp2-steer`` (:class:`SteerAppConfig`), registered in Hydra's
+ConfigStore as ``steer_schema``; ``conf/steer.yaml`` only chooses the model and overrides.
+
+Same conventions as :mod:`steering.localise.config` (one dataclass per concern, one comment per
+field, impossible values fail in ``__post_init__`` naming the key).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+from sae_train.config import ModelConfig, PathsConfig, register_configs
+from steering.evaluate.harness import TUNING_OBJECTIVES
+from steering.localise.config import _check
+
+# --------------------------------------------------------------------------- foxp2-steer
+@dataclass
+class SteerTuningConfig:
+    """(λ, β) per method: max mean ΔM on tuning prompts with mean KL_gen ≤ kl_budget on tuning
+    target sentences (steering.evaluate.harness.tune_strengths)."""
+
+    # nats/token, KL(steered ‖ base) averaged over the tokens of held-out target sentences
+    # with the steer placed as in generation.
+    kl_budget: float = 0.5
+    lams: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    betas: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    # Tuning-split subsets (null: all of the split).
+    n_prompts: Optional[int] = 16
+    n_sentences: Optional[int] = 16
+    # The window is tuned too (DESIGN: the tuning split chooses λ, β and the window): the
+    # primary method is tuned at the localised window and at every contiguous window of
+    # `window_width` layers starting at 0, window_stride, 2·window_stride, …; the best one
+    # (max ΔM within the budget) is the window of every windowed method. Null: keep the
+    # localised window.
+    window_width: Optional[int] = 3
+    window_stride: int = 3
+    # λ grid of that window scan, at β = 0 (null: the full lams × betas grid). Each candidate
+    # window costs one tuning point per λ, so a short grid keeps the scan cheap; the chosen
+    # window is then tuned on the full grid like every method.
+    window_lams: Optional[list[float]] = None
+    # caa_layer's layer. Null: the localisation's best single-layer causal gain (a feature
+    # push's gain, not CAA's). k: CAA is tuned (lams, same budget and objective) at the
+    # analysed layers 0, k, 2k, … and at that layer, and the best layer wins (max objective
+    # within the budget, else the smallest KL), so the single-layer baseline is as tuned as
+    # the window methods.
+    caa_layer_stride: Optional[int] = None
+    # End a λ line (fixed β) at its first point over the budget: larger strengths only cost
+    # more KL, so they could not be chosen (steering.evaluate.harness.tune_strengths). False:
+    # measure the whole grid.
+    stop_over_budget: bool = True
+    # What a method's tuning maximises within the budget: "delta_m" (DESIGN: mean ΔM over the
+    # first T steps) or "default" (a departure: the guarded DEFAULT rate of full-length
+    # generations, ties by ΔM, so a push that loops is not chosen; a full decode per point).
+    # The window scan always ranks by ΔM.
+    objective: str = "delta_m"
+
+    def __post_init__(self):
+        _check(self.objective in TUNING_OBJECTIVES,
+               f"tuning.objective={self.objective!r}: use one of {list(TUNING_OBJECTIVES)}")
+        _check(self.kl_budget > 0, f"tuning.kl_budget={self.kl_budget}: must be > 0")
+        _check(bool(self.lams) and bool(self.betas), "tuning.lams and tuning.betas: non-empty")
+        _check(self.window_width is None or self.window_width >= 1,
+               f"tuning.window_width={self.window_width}: ≥ 1 or null")
+        _check(self.window_stride >= 1, f"tuning.window_stride={self.window_stride}: ≥ 1")
+        _check(self.caa_layer_stride is None or self.caa_layer_stride >= 1,
+               f"tuning.caa_layer_stride={self.caa_layer_stride}: ≥ 1 or null")
+        _check(self.window_lams is None or len(self.window_lams) > 0,
+               "tuning.window_lams=[] scans nothing; give λ values or null")
+
+
+@dataclass
+class SteerEvalConfig:
+    """The evaluation split (steering.evaluate.harness)."""
+
+    n_prompts: Optional[int] = None  # null: every evaluation prompt
+    n_sentences: Optional[int] = None  # null: every held-out target sentence
+    max_new_tokens: int = 32
+    steps: int = 3  # T of ΔM
+    batch_size: int = 16  # rows per full-vocabulary forward (held-out text, continuation NLL)
+    gen_batch_size: int = 64  # rows per greedy decode (cheap in memory; big batches amortise)
+    n_boot: int = 2000
+    # The NLL fluency guard compares a steered continuation's NLL under the unsteered model
+    # with the unsteered (English) continuation's. True (a stated departure from a plain
+    # comparison): the allowance is raised by the language offset, the unsteered model's mean
+    # NLL/token on the held-out target sentences minus that on their English counterparts
+    # (demo model: es +0.42, hi +1.02), so fluent target text is not failed for being in the
+    # target language. False: no offset.
+    nll_guard_language_offset: bool = True
+    # The "native" reference row (steering.evaluate.native): the unsteered model asked in the target
+    # language (translated prompt and template), scored like every method: the DEFAULT the
+    # guards allow this model. Not a baseline and not in the frontier. Prompts without a
+    # translation are left out of that row (its n_prompts says how many it scored).
+    native_reference: bool = True
+    # Its template, with {prompt} (null: the built-in one of the target, steering.evaluate.native;
+    # a target without one gets no native row).
+    native_template: Optional[str] = None
+    # Greedy decoding of every continuation (tuning included) with this repetition penalty,
+    # as generate(do_sample=False, repetition_penalty=...) applies it; 1: plain greedy
+    # (DESIGN's protocol). A sensitivity knob: a small base model loops under plain greedy.
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        _check(self.repetition_penalty > 0,
+               f"evaluation.repetition_penalty={self.repetition_penalty}: must be > 0 (1: off)")
+        _check(self.native_template is None or "{prompt}" in self.native_template,
+               f"evaluation.native_template={self.native_template!r}: it must contain "
+               "'{prompt}' (or be null: the built-in template of the target)")
+        _check(self.batch_size >= 1 and self.gen_batch_size >= 1,
+               f"evaluation.batch_size={self.batch_size}, evaluation.gen_batch_size="
+               f"{self.gen_batch_size}: both must be ≥ 1")
+
+
+@dataclass
+class FrontierConfig:
+    """γ sweep for the KL–DEFAULT frontier and DEFAULT-vs-γ plots (a subset of the split)."""
+
+    methods: list[str] = field(default_factory=lambda: ["foxp2", "foxp2_neurons", "caa_layer",
+                                                        "caa_window", "lape"])
+    gammas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    n_prompts: int = 24
+    n_sentences: int = 24
+
+
+@dataclass
+class WandbReportConfig:
+    enabled: bool = True
+    mode: str = "offline"
+    project: str = "foxp2"
+
+
+@dataclass
+class SteerAppConfig:
+    """`foxp2-steer`: build, tune and evaluate every method for one target (stage III)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    target: str = "es"
+    english: str = "en"
+    localise_dir: str = "${paths.root}/localise/${model.slug}-${target}"
+    cache_dir: str = "${paths.root}/cache/${model.slug}-embedded"
+    out_dir: str = "${paths.root}/steer/${model.slug}-${target}"
+    # Methods (steering.steer.methods.REGISTRY); "none" is always evaluated (the reference).
+    methods: list[str] = field(default_factory=lambda: [
+        "prompting", "foxp2", "foxp2_neurons", "foxp2_pos", "foxp2_neg", "caa_layer",
+        "caa_window", "lape", "random"])
+    # The method the bars and the CLI's default artifact refer to.
+    primary: str = "foxp2"
+    # Positions: "prompt_end" (the prompt's last token + decode_steps generated tokens at full
+    # strength, every later generated token at the fraction `sustain`) or "all".
+    position: str = "prompt_end"
+    decode_steps: int = 4
+    sustain: float = 0.0
+    tuning: SteerTuningConfig = field(default_factory=SteerTuningConfig)
+    evaluation: SteerEvalConfig = field(default_factory=SteerEvalConfig)
+    frontier: FrontierConfig = field(default_factory=FrontierConfig)
+    wandb: WandbReportConfig = field(default_factory=WandbReportConfig)
+    # Reuse finished methods in <out_dir>/work/ whose inputs and settings are unchanged.
+    resume: bool = True
+    seed: int = 0
+    num_threads: Optional[int] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        from steering.steer.methods import REGISTRY
+
+        _check(self.target != self.english,
+               f"target and english are both {self.target!r}: pick a target language")
+        unknown = sorted(set(self.methods) - set(REGISTRY))
+        _check(not unknown, f"methods: unknown {unknown}; use {list(REGISTRY)}")
+        _check(self.primary in self.methods,
+               f"primary={self.primary!r} is not among methods={self.methods}")
+        unknown = sorted(set(self.frontier.methods) - set(self.methods))
+        _check(not unknown, f"frontier.methods {unknown} are not among methods={self.methods}")
+        _check(self.position in ("prompt_end", "all"),
+               f"position={self.position!r}: use prompt_end or all")
+        _check(self.decode_steps >= 0, f"decode_steps={self.decode_steps}: must be ≥ 0")
+        _check(0 <= self.sustain <= 1, f"sustain={self.sustain}: must be in [0, 1]")
+
+
+def register_steer_configs() -> None:
+    register_configs()
+    ConfigStore.instance().store(name="steer_schema", node=SteerAppConfig)

@@ -1,0 +1,95 @@
+"""The method registry (steering/steer/methods): every method declares how it is built and how
+it is tuned, and a new method is one MethodSpec plus one registry entry, picked up by the
+config check, the builder and the tuner without other edits."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from steering.evaluate.config import FrontierConfig, SteerAppConfig
+from steering.evaluate.tuning import tune_method
+from steering.localise.config import LocaliseConfigError
+from steering.steer.artifact import LayerEdit, SteeringArtifact
+from steering.steer.methods import (METHODS, REGISTRY, TUNED, BuildRequest, MethodSpec, Tuned,
+                                    Tuning, build_method, strengths_of)
+from steering.steer.methods.spec import STRENGTHS
+
+
+def test_every_method_is_registered_once_with_its_tuning():
+    assert METHODS == ("none", "prompting", "foxp2", "foxp2_neurons", "foxp2_replace",
+                       "foxp2_pos", "foxp2_neg", "caa_layer", "caa_window", "lape", "random")
+    for name, spec in REGISTRY.items():
+        assert spec.name == name and callable(spec.build) and spec.summary
+        assert spec.tuning.strengths in STRENGTHS
+    assert TUNED == {"none": "none", "prompting": "none", "foxp2": "both",
+                     "foxp2_neurons": "both", "foxp2_replace": "both", "foxp2_pos": "lam",
+                     "foxp2_neg": "beta", "caa_layer": "lam", "caa_window": "lam",
+                     "lape": "both", "random": "both"}
+    assert REGISTRY["caa_layer"].tuning.search is not None  # its layer scan
+    with pytest.raises(ValueError, match="strengths"):
+        Tuning("gamma")
+
+
+def _localisation():
+    return SimpleNamespace(target="es", english="en", window=[1, 2], layers=[0, 1, 2, 3],
+                           provenance=lambda: {"localise": "nowhere", "window": [1, 2]})
+
+
+def _build_shift(request: BuildRequest) -> SteeringArtifact:
+    edits = [LayerEdit(layer=l, space="resid", add=torch.ones(4) * request.seed)
+             for l in request.window]
+    return request.artifact("shift", edits, beta=0.0, note="a test method")
+
+
+class _Tuner:
+    """Stands for the evaluate stage's tuner: records what it was asked to tune."""
+
+    config = SimpleNamespace(caa_layer_stride=None)
+
+    def __init__(self):
+        self.calls = []
+
+    def tune(self, artifact, strengths):
+        self.calls.append((artifact.method, strengths))
+        return Tuned(artifact.with_strengths(lam=2.0, beta=0.0, gamma=1.0), ["p"], True)
+
+    def best(self, points):
+        return points[0]
+
+
+def test_a_new_method_is_one_spec_and_one_registry_entry(monkeypatch):
+    def search(request, tuner):  # the method's own tuning: two windows, the later one wins
+        tuned = [tuner.tune(_build_shift(BuildRequest(request.localisation, w)), "lam")
+                 for w in ([1], [2])]
+        return Tuned(tuned[1].artifact, tuned[1].points, True, {"window_scan": [[1], [2]]})
+
+    monkeypatch.setitem(REGISTRY, "shift", MethodSpec("shift", _build_shift,
+                                                      Tuning("lam", search=search), "a shift"))
+    art = build_method("shift", _localisation(), seed=3, decode_steps=2)
+    assert art.method == "shift" and [e.layer for e in art.edits] == [1, 2]
+    assert art.beta == 0.0 and art.decode_steps == 2 and float(art.edits[0].add[0]) == 3.0
+    assert art.provenance["note"] == "a test method" and art.provenance["window_split"] == 2
+    assert strengths_of("shift") == "lam"
+    tuner = _Tuner()
+    tuned = tune_method("shift", BuildRequest(_localisation(), [1, 2]), tuner)
+    assert tuner.calls == [("shift", "lam"), ("shift", "lam")]
+    assert tuned.artifact.lam == 2.0 and tuned.record == {"window_scan": [[1], [2]]}
+    cfg = SteerAppConfig(methods=["shift"], primary="shift", frontier=FrontierConfig(methods=[]))
+    assert cfg.methods == ["shift"]  # the config check knows it
+
+
+def test_methods_without_a_search_are_built_then_tuned_on_their_grid():
+    tuner = _Tuner()
+    tuned = tune_method("prompting", BuildRequest(_localisation(), [1, 2]), tuner)
+    assert tuner.calls == [("prompting", "none")]
+    assert tuned.artifact.prompt_prefix == "Answer in Spanish. "
+
+
+def test_unknown_methods_fail_at_the_config_and_at_the_builder():
+    with pytest.raises(LocaliseConfigError, match="unknown \\['shift'\\]"):
+        SteerAppConfig(methods=["foxp2", "shift"])
+    with pytest.raises(ValueError, match="unknown method 'shift'"):
+        build_method("shift", _localisation())
