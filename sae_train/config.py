@@ -104,6 +104,14 @@ class CacheConfig:
     # Verify every shard's checksum when a finished cache is re-opened by the app.
     verify: bool = True
 
+    def __post_init__(self) -> None:
+        from sae_train.cache.writer import validate_cache_options
+
+        if not str(self.dir).strip():
+            raise ValueError("cache.dir is empty: give the directory to write the cache to")
+        validate_cache_options(self.dtype, self.shard_tokens, self.batch_size, self.max_length,
+                               self.max_tokens)
+
 
 @dataclass
 class PathsConfig:
