@@ -13,6 +13,12 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 
+def require_int(name: str, value, low: int) -> None:
+    """Raise ValueError unless ``value`` is an integer ≥ ``low`` (the message names ``name``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r}: must be an integer ≥ {low}")
+
+
 @dataclass
 class ModelConfig:
     """Which causal LM to load and how."""
