@@ -250,6 +250,10 @@ def validate_train_config(cfg) -> None:
         require_int("max_tokens", cfg.max_tokens, low=1)
     if cfg.num_threads is not None:
         require_int("num_threads", cfg.num_threads, low=1)
+    kind = cfg.sae.get("kind") if cfg.get("sae") is not None else None
+    if cfg.export.format == "sparsify" and kind != "topk":
+        raise ValueError(f"export.format=sparsify cannot hold a {kind!r} SAE (sparsify has TopK "
+                         "only): use export.format=native or saelens")
     if not str(cfg.cache_dir).strip():
         raise ValueError("cache_dir is empty: give the activation cache written by sae-cache")
 
