@@ -202,6 +202,27 @@ def test_sae_cache_files_are_readable_by_others(cache_args, monkeypatch, capsys)
     assert modes and all(m == 0o644 for m in modes.values()), modes
 
 
+def test_sae_cache_resume_removes_what_a_kill_left(cache_args, monkeypatch, capsys, tmp_path):
+    """Before: temp files of a SIGKILLed run stayed in the cache forever. Here a kill landed
+    after shard 1's files were renamed into place but before the manifest listed them."""
+    out, base = cache_args
+    assert _run(monkeypatch, capsys, "cache_app", base)[0] == 0
+    reference = {p.relative_to(out).as_posix(): p.read_bytes()
+                 for p in out.rglob("*") if p.is_file()}
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:1]
+    manifest["n_tokens"], manifest["complete"] = manifest["shards"][0]["n_tokens"], False
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    strays = [out / "layers.0.resid" / ".00001.npy.k3j2x9", out / "meta" / ".00002.npy.a8b7c6",
+              out / ".manifest.json.q1w2e3"]
+    for stray in strays:
+        stray.write_bytes(b"half a file")
+    code, output = _run(monkeypatch, capsys, "cache_app", base)
+    assert code == 0, output
+    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert files == reference  # byte-identical, no stray or lock file
+
+
 # ---------------------------------------------------------------------- sae-train
 @pytest.fixture()
 def train_args(tiny_cache, tmp_path):
