@@ -13,6 +13,12 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 
+def require_int(name: str, value, low: int) -> None:
+    """Raise ValueError unless ``value`` is an integer ≥ ``low`` (the message names ``name``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r}: must be an integer ≥ {low}")
+
+
 @dataclass
 class ModelConfig:
     """Which causal LM to load and how."""
@@ -103,6 +109,14 @@ class CacheConfig:
     sort_by_length: bool = True
     # Verify every shard's checksum when a finished cache is re-opened by the app.
     verify: bool = True
+
+    def __post_init__(self) -> None:
+        from sae_train.cache.writer import validate_cache_options
+
+        if not str(self.dir).strip():
+            raise ValueError("cache.dir is empty: give the directory to write the cache to")
+        validate_cache_options(self.dtype, self.shard_tokens, self.batch_size, self.max_length,
+                               self.max_tokens)
 
 
 @dataclass

@@ -59,7 +59,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_cache, tmp_path, monk
         run_app(monkeypatch, _args(tiny_cache, crashed, tmp_path / "h2", *crash))
     assert (crashed / "checkpoints" / "last.ckpt").exists()
     assert not (crashed / SITE).exists()  # no export from a crashed run
-    assert torch.load(crashed / "checkpoints" / "last.ckpt", weights_only=False)[
+    assert torch.load(crashed / "checkpoints" / "last.ckpt", weights_only=True)[
         "global_step"] == 20
 
     run_app(monkeypatch, _args(tiny_cache, crashed, tmp_path / "h3", "checkpoint.resume=auto"))
@@ -86,7 +86,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny_cac
     assert "non-finite loss at step 13" in message
     assert "last good checkpoint is" in message and "last.ckpt" in message
     last = out / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(last, weights_only=False)
+    checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["global_step"] == 10
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values()
                if v.is_floating_point())

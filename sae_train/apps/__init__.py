@@ -21,3 +21,28 @@ def config_dir() -> str:
 from sae_train.apps.help import register_help_resolver  # noqa: E402
 
 register_help_resolver()
+# User errors: wrong paths, values, files or caches. The apps print them as one line.
+USER_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+def report_user_errors(task):
+    """Wrap a Hydra task function: a user error (``USER_ERRORS``, which includes CacheError,
+    SAEFormatError, SAEConfigError, SiteError, ...) prints ``error: <message>`` on one line to
+    stderr and exits with status 2 instead of a traceback. ``HYDRA_FULL_ERROR=1`` re-raises it
+    (Hydra's own switch for full stack traces)."""
+    import functools
+    import os
+    import sys
+
+    @functools.wraps(task)
+    def wrapper(cfg):
+        try:
+            return task(cfg)
+        except USER_ERRORS as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            message = " ".join(str(err).split()) or type(err).__name__
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper

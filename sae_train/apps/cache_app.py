@@ -14,7 +14,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sae_train.apps import config_dir
+from sae_train.apps import config_dir, report_user_errors
 from sae_train.cache.reader import ActivationCache
 from sae_train.cache.writer import write_activation_cache
 from sae_train.config import register_configs
@@ -36,6 +36,7 @@ def site_patterns(sites) -> list[str]:
 
 def run_cache(cfg: DictConfig) -> dict:
     """Run the caching job described by ``cfg``; returns the finished manifest."""
+    OmegaConf.to_object(cfg.cache)  # bounds on every option (CacheConfig.__post_init__)
     torch.manual_seed(cfg.seed)
     if not cfg.progress:
         import transformers
@@ -70,6 +71,7 @@ def run_cache(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="cache")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     run_cache(cfg)
 

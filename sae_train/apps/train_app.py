@@ -31,11 +31,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from sae_train.apps import config_dir
+from sae_train.apps import config_dir, report_user_errors
 from sae_train.cache.manifest import CacheError
 from sae_train.cache.reader import ActivationCache
 from sae_train.models.sites import expand_site_patterns
-from sae_train.training.config import register_train_configs
+from sae_train.training.config import register_train_configs, validate_train_config
+from sae_train.training.fingerprint import check_resume
 from sae_train.cache.datamodule import ActivationDataModule
 from sae_train.training.export import ExportSAEs
 from sae_train.training.module import SAETrainingModule
@@ -95,6 +96,7 @@ def build_training(cfg: DictConfig):
     from sae_train.api import default_out_dir
 
     default_out_dir(cfg)
+    validate_train_config(cfg)
     try:
         cache = ActivationCache(cfg.cache_dir)
     except CacheError as err:
@@ -109,16 +111,17 @@ def build_training(cfg: DictConfig):
         sae=sae_config, widths=widths, optim=OmegaConf.to_container(cfg.optim, resolve=True),
         metrics=OmegaConf.to_container(cfg.metrics, resolve=True),
         stats_tokens=cfg.loader.stats_tokens, seed=cfg.seed)
+    module.cache_config_hash = cache.manifest.get("config_hash")
     loader = cfg.loader
     datamodule = ActivationDataModule(
         cfg.cache_dir, sites, loader.batch_size,
         train_splits=_list(loader.train_splits), val_splits=_list(loader.val_splits) or None,
         languages=_list(loader.languages), seed=cfg.seed, shuffle=loader.shuffle,
         drop_last=True, block_tokens=loader.block_tokens, window_tokens=loader.window_tokens,
-        prefetch=loader.prefetch)
+        prefetch=loader.prefetch, verify=loader.verify)
     provenance = cache.manifest.get("config", {}).get("provenance", {})
     export = ExportSAEs(cfg.export.dir, dtype=cfg.export.dtype,
-                        wandb_artifact=cfg.export.wandb_artifact,
+                        wandb_artifact=cfg.export.wandb_artifact, format=cfg.export.format,
                         metadata={"cache_dir": str(Path(cfg.cache_dir).resolve()),
                                   "cache_config_hash": cache.manifest.get("config_hash"),
                                   "model": provenance.get("model", {}),
@@ -142,8 +145,6 @@ def build_training(cfg: DictConfig):
         logger = instantiate(cfg.logger, **extra)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
     if cfg.max_tokens is not None:
-        if cfg.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be positive, got {cfg.max_tokens}")
         tokens_per_step = cfg.loader.batch_size * trainer.world_size * \
             cfg.trainer.accumulate_grad_batches
         trainer.fit_loop.epoch_loop.max_steps = math.ceil(cfg.max_tokens / tokens_per_step)
@@ -157,16 +158,20 @@ def _list(value) -> list | None:
     return None if value is None else [str(v) for v in value]
 
 
-def _resume_path(cfg: DictConfig) -> str | None:
+def _resume_path(cfg: DictConfig, module: SAETrainingModule) -> str | None:
+    """The checkpoint to resume from (None: start fresh), checked against this run's config."""
     resume = cfg.checkpoint.resume
     if not resume:
         return None
     if resume == "auto":
         last = Path(cfg.checkpoint.dir) / "last.ckpt"
-        return str(last) if last.exists() else None
-    if not Path(resume).is_file():
+        if not last.exists():
+            return None
+        resume = str(last)
+    elif not Path(resume).is_file():
         raise FileNotFoundError(f"checkpoint.resume={resume!r} does not exist (use a .ckpt path, "
                                 "'auto' for <checkpoint.dir>/last.ckpt, or null)")
+    check_resume(resume, module.weight_fingerprint())
     return resume
 
 
@@ -191,10 +196,14 @@ def run_training(cfg: DictConfig) -> dict:
     log.info("training %s on %s (%d tokens/step/rank) → %s", module.sae_config.kind,
              ", ".join(module.sites), cfg.loader.batch_size, cfg.out_dir)
     environment = dict(os.environ)
+    ckpt_path = _resume_path(cfg, module)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         _restore_environment(environment)
+    if trainer.global_step == 0 and not trainer.interrupted:
+        _finish_wandb(trainer)
+        raise NoTrainingError(_no_training_message(cfg, datamodule, trainer))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                if getattr(v, "numel", lambda: 1)() == 1 and math.isfinite(float(v))}
     if trainer.is_global_zero:
@@ -206,6 +215,19 @@ def run_training(cfg: DictConfig) -> dict:
         # The next job of an in-process sweep starts its own process group.
         torch.distributed.destroy_process_group()
     return {"exported": {k: str(v) for k, v in export.exported.items()}, "metrics": metrics}
+
+
+class NoTrainingError(RuntimeError):
+    """fit ended without a single optimizer step: there is nothing worth exporting."""
+
+
+def _no_training_message(cfg: DictConfig, datamodule, trainer) -> str:
+    data = datamodule.train_data
+    tokens = len(data.indices) if data is not None else 0
+    return (f"no training step was run, so no SAE was exported: the training split of "
+            f"{cfg.cache_dir} has {tokens} tokens and loader.batch_size={cfg.loader.batch_size} "
+            f"× {trainer.world_size} rank(s) needs at least one full batch (lower "
+            "loader.batch_size, or check loader.train_splits / loader.languages / trainer.*)")
 
 
 def _restore_environment(before: dict[str, str]) -> None:
@@ -227,6 +249,7 @@ def _finish_wandb(trainer: L.Trainer) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     run_training(cfg)
 

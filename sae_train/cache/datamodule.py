@@ -162,8 +162,9 @@ class ActivationDataModule(L.LightningDataModule):
                  train_splits: list[str] | None = None, val_splits: list[str] | None = None,
                  languages: list[str] | None = None, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True, block_tokens: int = 1024, window_tokens: int = 262144,
-                 prefetch: int = 4, pin_memory: bool | None = None):
+                 prefetch: int = 4, pin_memory: bool | None = None, verify: bool = True):
         super().__init__()
+        self.verify = verify  # each shard's sha256, checked the first time it is read
         self.cache_dir = cache_dir
         self.sites = [sites] if isinstance(sites, str) else list(sites)
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
@@ -185,7 +186,7 @@ class ActivationDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.cache is None:
-            self.cache = ActivationCache(self.cache_dir)
+            self.cache = ActivationCache(self.cache_dir, verify_reads=self.verify)
         rank, world = self._rank_world()
         train_idx = self.cache.select(self.train_splits, self.languages)
         if self.val_splits:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -26,12 +27,27 @@ class CacheError(RuntimeError):
     """A cache that cannot be used as asked: other config, missing or corrupt shard."""
 
 
+@functools.cache
+def _file_mode() -> int:
+    """0666 minus the process umask: what ``open()`` would give (mkstemp's 0600 would hide the
+    cache from the other users of a shared cluster filesystem)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def is_temp_name(name: str) -> bool:
+    """``.<file>.<random>``: a temp file of :func:`atomic_write_bytes` left by a killed run."""
+    return name.startswith(".") and name.count(".") >= 2 and not name.startswith(".lock")
+
+
 def atomic_write_bytes(path: Path, *chunks: bytes | memoryview) -> None:
     """Write via a temp file in the same folder + fsync + rename, so readers (and a resumed
-    run) never see half a file."""
+    run) never see half a file. The file gets the mode ``open()`` would give it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
@@ -99,4 +115,14 @@ def read_manifest(cache_dir: Path) -> dict | None:
     path = Path(cache_dir) / MANIFEST_NAME
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CacheError(f"{path} is not a readable cache manifest (invalid JSON: {err}); "
+                         "re-create the cache") from err
+    missing = [k for k in ("config_hash", "sites", "shards", "n_tokens") if k not in manifest] \
+        if isinstance(manifest, dict) else ["(not a JSON object)"]
+    if missing:
+        raise CacheError(f"{path} is not a cache manifest written by sae-cache: it lacks "
+                         f"{', '.join(missing)}")
+    return manifest

@@ -20,8 +20,13 @@ class ActivationCache:
     tensor in the cache's dtype.
     """
 
-    def __init__(self, path: str | Path, verify: bool = False, require_complete: bool = True):
+    def __init__(self, path: str | Path, verify: bool = False, require_complete: bool = True,
+                 verify_reads: bool = False):
+        """``verify`` checks every shard now; ``verify_reads`` checks each shard file the first
+        time it is read (once per file and process: what training does before any of its rows
+        reach the optimizer)."""
         self.path = Path(path)
+        self.verify_reads = verify_reads
         manifest = read_manifest(self.path)
         if manifest is None:
             raise CacheError(f"no activation cache at {self.path} (manifest.json missing); "
@@ -68,11 +73,17 @@ class ActivationCache:
     def _memmaps(self, name: str) -> list[np.ndarray]:
         cache = self.__dict__.setdefault("_mm", {})
         if name not in cache:
+            shards = range(len(self.manifest["shards"]))
+            if self.verify_reads:
+                for i in shards:
+                    self._verify_file(self.manifest["shards"][i]["files"][name])
             try:
-                cache[name] = [np.load(self._shard_path(name, i), mmap_mode="r")
-                               for i in range(len(self.manifest["shards"]))]
+                cache[name] = [np.load(self._shard_path(name, i), mmap_mode="r") for i in shards]
             except FileNotFoundError as err:
                 raise CacheError(f"cache at {self.path} is missing a shard: {err.filename}") from err
+            except ValueError as err:  # a header numpy cannot parse
+                raise CacheError(f"cache at {self.path} has an unreadable shard of {name!r}: "
+                                 f"{err}; re-create the cache") from err
         return cache[name]
 
     # ------------------------------------------------------------------ data
@@ -140,10 +151,13 @@ class ActivationCache:
         """Recompute every shard's sha256; raise CacheError naming the first bad file."""
         for shard in self.manifest["shards"]:
             for entry in shard["files"].values():
-                path = self.path / entry["path"]
-                if not path.exists():
-                    raise CacheError(f"cache shard {path} is missing")
-                if file_sha256(path) != entry["sha256"]:
-                    raise CacheError(
-                        f"cache shard {path} is corrupt (sha256 mismatch); delete it and its "
-                        "manifest entry, or re-create the cache")
+                self._verify_file(entry)
+
+    def _verify_file(self, entry: dict) -> None:
+        path = self.path / entry["path"]
+        if not path.exists():
+            raise CacheError(f"cache shard {path} is missing")
+        if file_sha256(path) != entry["sha256"]:
+            raise CacheError(
+                f"cache shard {path} is corrupt (sha256 mismatch with manifest.json); "
+                "re-create the cache (delete the directory and run sae-cache again)")

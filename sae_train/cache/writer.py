@@ -27,9 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_train.cache.capture import capture_sites, run_capture
+from sae_train.cache.lock import CacheLock
 from sae_train.cache.manifest import (FORMAT_VERSION, META_DTYPE, MANIFEST_NAME, CacheError,
                                       atomic_save_npy, atomic_write_bytes, atomic_write_json,
-                                      config_hash, diff_configs, read_manifest)
+                                      config_hash, diff_configs, is_temp_name, read_manifest)
 from sae_train.corpora.types import SPLITS, Document
 from sae_train.models.sites import Site
 
@@ -212,73 +213,106 @@ def _batch_arrays(model, store, batch: list[_Context], docs: list[Document], sit
     return arrays
 
 
-def write_activation_cache(model, tokenizer, docs: list[Document], sites: list[Site],
-                           out_dir: str | Path, *, dtype: str = "bfloat16",
-                           shard_tokens: int = 16384, batch_size: int = 16,
-                           max_length: int = 128, max_tokens: int | None = None,
-                           sort_by_length: bool = True, provenance: dict | None = None,
-                           progress: bool = True) -> dict:
-    """Cache activations of ``docs`` at ``sites`` into ``out_dir``; resume if it was started.
-
-    ``provenance`` (model/tokenizer/data identity) is part of the config hash: a different
-    model, tokenizer, corpus, site list or cache setting in the same directory is refused.
-    Returns the final manifest.
-    """
+def validate_cache_options(dtype: str, shard_tokens: int, batch_size: int, max_length: int,
+                           max_tokens: int | None) -> None:
+    """Raise ValueError naming the first out-of-range option (before anything is written)."""
     if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"cache dtype {dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
-    if shard_tokens <= 0 or batch_size <= 0:
-        raise ValueError("cache.shard_tokens and cache.batch_size must be positive")
-    out = Path(out_dir)
-    languages = list(dict.fromkeys(d.language for d in docs))
-    config = {
-        "provenance": provenance or {},
-        "documents": _documents_fingerprint(docs),
-        "sites": [s.name for s in sites],
-        "cache": {"dtype": dtype, "shard_tokens": shard_tokens, "batch_size": batch_size,
-                  "max_length": max_length, "max_tokens": max_tokens,
-                  "sort_by_length": sort_by_length},
-    }
-    chash = config_hash(config)
+        raise ValueError(f"cache.dtype={dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
+    for name, value, low in (("shard_tokens", shard_tokens, 1), ("batch_size", batch_size, 1),
+                             ("max_length", max_length, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"cache.{name}={value!r}: must be an integer ≥ {low}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < 1):
+        raise ValueError(f"cache.max_tokens={max_tokens!r}: must be an integer ≥ 1, or null for "
+                         "the whole corpus")
+
+
+def _cache_config(docs, sites, provenance, options: dict) -> dict:
+    return {"provenance": provenance or {}, "documents": _documents_fingerprint(docs),
+            "sites": [s.name for s in sites], "cache": options}
+
+
+def _open_manifest(out: Path, config: dict) -> dict | None:
+    """The manifest already in ``out`` (None if new); refuses one made with another config."""
     manifest = read_manifest(out)
-    if manifest is not None and manifest["config_hash"] != chash:
+    if manifest is not None and manifest["config_hash"] != config_hash(config):
         diffs = diff_configs(manifest["config"], config)
         raise CacheError(
             f"{out} already holds a cache made with a different config; differing keys:\n  "
             + "\n  ".join(diffs) + "\nUse another cache.dir or delete the old cache."
         )
-    if manifest is not None and manifest.get("complete"):
-        log.info("cache at %s is complete (%d tokens); nothing to do", out, manifest["n_tokens"])
-        return manifest
+    return manifest
 
+
+def _new_manifest(out: Path, config: dict, docs: list[Document], sites: list[Site],
+                  total: int) -> dict:
+    """Write documents.jsonl and an empty manifest (no shard yet) for a new cache."""
+    dtype = config["cache"]["dtype"]
+    manifest = {
+        "format_version": FORMAT_VERSION, "config_hash": config_hash(config), "config": config,
+        "sites": [{"name": s.name, "layer": s.layer, "kind": s.kind, "width": s.width}
+                  for s in sites],
+        "dtype": dtype, "storage_dtype": "int16" if dtype == "bfloat16" else dtype,
+        "languages": list(dict.fromkeys(d.language for d in docs)), "splits": list(SPLITS),
+        "shard_tokens": config["cache"]["shard_tokens"],
+        "total_tokens": total, "n_tokens": 0, "shards": [], "complete": False,
+    }
+    doc_lines = "".join(json.dumps({"doc_id": d.doc_id, "pair_id": d.pair_id,
+                                    "language": d.language, "split": d.split,
+                                    "source": d.source, "text": d.text},
+                                   ensure_ascii=False) + "\n" for d in docs)
+    atomic_write_bytes(out / "documents.jsonl", doc_lines.encode())
+    atomic_write_json(out / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def remove_unfinished_files(out: Path, manifest: dict | None, names: list[str]) -> list[Path]:
+    """Delete what a killed run left behind in ``out``: temp files of atomic writes and shard
+    files the manifest does not list, in the cache's own folders (``names``: meta and the
+    sites) only. Returns the removed paths."""
+    listed = {f["path"] for shard in (manifest or {}).get("shards", [])
+              for f in shard["files"].values()}
+    candidates = [p for p in out.glob(".*") if p.name.startswith((".manifest.json.",
+                                                                  ".documents.jsonl."))]
+    for name in names:
+        candidates += [p for p in (out / name).glob("*") if is_temp_name(p.name)
+                       or (p.suffix == ".npy" and f"{name}/{p.name}" not in listed)]
+    removed = [p for p in sorted(candidates) if p.is_file()]
+    for path in removed:
+        path.unlink()
+    if removed:
+        log.info("removed %d unfinished file(s) of an interrupted run in %s", len(removed), out)
+    return removed
+
+
+@dataclass
+class _Plan:
+    """The deterministic batches of a cache run and where it (re)starts."""
+
+    batches: list[list[_Context]]
+    per_batch: list[int]
+    total: int
+    start_batch: int = 0
+    skip: int = 0
+
+
+def _plan(docs, tokenizer, max_length: int, batch_size: int, max_tokens: int | None,
+          sort_by_length: bool) -> _Plan:
     contexts = plan_contexts(docs, tokenizer, max_length, sort_by_length)
     batches = [contexts[i:i + batch_size] for i in range(0, len(contexts), batch_size)]
     per_batch = [int(sum(c.keep.sum() for c in b)) for b in batches]
-    total = int(sum(per_batch)) if max_tokens is None else min(int(sum(per_batch)), max_tokens)
+    available = int(sum(per_batch))
+    if available == 0:
+        raise CacheError(f"the corpus has no tokens to cache ({len(docs)} documents, all empty "
+                         "or special tokens); check data.*")
+    total = available if max_tokens is None else min(available, max_tokens)
+    return _Plan(batches, per_batch, total)
 
-    if manifest is None:
-        manifest = {
-            "format_version": FORMAT_VERSION, "config_hash": chash, "config": config,
-            "sites": [{"name": s.name, "layer": s.layer, "kind": s.kind, "width": s.width}
-                      for s in sites],
-            "dtype": dtype, "storage_dtype": "int16" if dtype == "bfloat16" else dtype,
-            "languages": languages, "splits": list(SPLITS), "shard_tokens": shard_tokens,
-            "total_tokens": total, "n_tokens": 0, "shards": [], "complete": False,
-        }
-        doc_lines = "".join(json.dumps({"doc_id": d.doc_id, "pair_id": d.pair_id,
-                                        "language": d.language, "split": d.split,
-                                        "source": d.source, "text": d.text},
-                                       ensure_ascii=False) + "\n" for d in docs)
-        atomic_write_bytes(out / "documents.jsonl", doc_lines.encode())
-        atomic_write_json(out / MANIFEST_NAME, manifest)
 
-    # Resume point: the batch in which the last finished shard ended, minus its stored part.
-    start_batch, skip = 0, 0
-    if manifest["shards"]:
-        last = manifest["shards"][-1]
-        start_batch, skip = last["end_batch"], last["end_offset"]
-        log.info("resuming %s after shard %d (%d/%d tokens)", out, last["index"],
-                 manifest["n_tokens"], total)
-
+def _fill_shards(model, tokenizer, docs, sites, out: Path, manifest: dict, plan: _Plan,
+                 dtype: str, shard_tokens: int, progress: bool) -> None:
+    """Run the remaining batches and hand finished shards to the background writer."""
     device = next(model.parameters()).device
     lang_index = {lang: i for i, lang in enumerate(manifest["languages"])}
     split_index = {s: i for i, s in enumerate(SPLITS)}
@@ -286,7 +320,7 @@ def write_activation_cache(model, tokenizer, docs: list[Document], sites: list[S
     buffer = _ShardBuffer(names)
     handed_over = manifest["n_tokens"]  # tokens already given to the shard writer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = tqdm(total=total, initial=handed_over, unit="tok", unit_scale=True,
+    bar = tqdm(total=plan.total, initial=handed_over, unit="tok", unit_scale=True,
                disable=not progress, desc=f"caching {len(sites)} site(s)", dynamic_ncols=True)
     writer = _BackgroundShardWriter(out, manifest, names,
                                     on_shard=lambda i: bar.set_postfix(shards=i + 1))
@@ -298,25 +332,67 @@ def write_activation_cache(model, tokenizer, docs: list[Document], sites: list[S
 
     try:
         with capture_sites(model, sites) as store:
-            for b in range(start_batch, len(batches)):
-                budget = total - handed_over - buffer.size
+            for b in range(plan.start_batch, len(plan.batches)):
+                budget = plan.total - handed_over - buffer.size
                 if budget <= 0:
                     break
-                arrays = _batch_arrays(model, store, batches[b], docs, sites, dtype, pad_id,
-                                       device, lang_index, split_index, per_batch[b])
-                first = skip if b == start_batch else 0
-                last = min(per_batch[b], first + budget)
+                arrays = _batch_arrays(model, store, plan.batches[b], docs, sites, dtype, pad_id,
+                                       device, lang_index, split_index, plan.per_batch[b])
+                first = plan.skip if b == plan.start_batch else 0
+                last = min(plan.per_batch[b], first + budget)
                 buffer.append({k: v[first:last] for k, v in arrays.items()})
                 bar.update(last - first)
                 while buffer.size >= shard_tokens:
                     flush(shard_tokens, b, last - (buffer.size - shard_tokens))
-                if handed_over + buffer.size >= total and buffer.size > 0:
+                if handed_over + buffer.size >= plan.total and buffer.size > 0:
                     flush(buffer.size, b, last)
     finally:
         writer.close()
         bar.close()
-    if manifest["n_tokens"] != total:
-        raise CacheError(f"cache at {out}: wrote {manifest['n_tokens']} tokens, expected {total}")
-    manifest["complete"] = True
-    atomic_write_json(out / MANIFEST_NAME, manifest)
-    return manifest
+
+
+def write_activation_cache(model, tokenizer, docs: list[Document], sites: list[Site],
+                           out_dir: str | Path, *, dtype: str = "bfloat16",
+                           shard_tokens: int = 16384, batch_size: int = 16,
+                           max_length: int = 128, max_tokens: int | None = None,
+                           sort_by_length: bool = True, provenance: dict | None = None,
+                           progress: bool = True) -> dict:
+    """Cache activations of ``docs`` at ``sites`` into ``out_dir``; resume if it was started.
+
+    ``provenance`` (model/tokenizer/data identity) is part of the config hash: a different
+    model, tokenizer, corpus, site list or cache setting in the same directory is refused.
+    Holds the directory's write lock (:class:`CacheLock`) throughout. Returns the final manifest.
+    """
+    validate_cache_options(dtype, shard_tokens, batch_size, max_length, max_tokens)
+    if not sites:
+        raise ValueError("no sites to cache")
+    out = Path(out_dir)
+    config = _cache_config(docs, sites, provenance, {
+        "dtype": dtype, "shard_tokens": shard_tokens, "batch_size": batch_size,
+        "max_length": max_length, "max_tokens": max_tokens, "sort_by_length": sort_by_length})
+    if out.exists() and not out.is_dir():
+        raise CacheError(f"cache.dir={str(out)!r} is a file, not a directory")
+    with CacheLock(out):
+        manifest = _open_manifest(out, config)
+        if manifest is not None and manifest.get("complete"):
+            log.info("cache at %s is complete (%d tokens); nothing to do", out,
+                     manifest["n_tokens"])
+            return manifest
+        plan = _plan(docs, tokenizer, max_length, batch_size, max_tokens, sort_by_length)
+        remove_unfinished_files(out, manifest, ["meta"] + [s.name for s in sites])
+        if manifest is None:
+            manifest = _new_manifest(out, config, docs, sites, plan.total)
+        elif manifest["shards"]:
+            # Resume point: the batch in which the last finished shard ended, minus its part.
+            last = manifest["shards"][-1]
+            plan.start_batch, plan.skip = last["end_batch"], last["end_offset"]
+            log.info("resuming %s after shard %d (%d/%d tokens)", out, last["index"],
+                     manifest["n_tokens"], plan.total)
+        _fill_shards(model, tokenizer, docs, sites, out, manifest, plan, dtype, shard_tokens,
+                     progress)
+        if manifest["n_tokens"] != plan.total:
+            raise CacheError(f"cache at {out}: wrote {manifest['n_tokens']} tokens, expected "
+                             f"{plan.total}")
+        manifest["complete"] = True
+        atomic_write_json(out / MANIFEST_NAME, manifest)
+        return manifest

@@ -11,7 +11,8 @@ from sae_train.saes.base import (SAEConfig, SAEConfigError, SAEOutput, SparseAut
                                  fraction_of_variance_unexplained, geometric_median,
                                  input_scale_from_sample)
 from sae_train.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
-from sae_train.saes.io import SAEFormatError, load_sae, load_saes, save_sae
+from sae_train.saes.io import (EXPORT_FORMATS, SAEFormatError, load_pretrained_sae, load_sae,
+                               load_saes, save_sae)
 from sae_train.saes.jumprelu import JumpReLUConfig, JumpReLUSAE
 from sae_train.saes.registry import SAE_CLASSES, build_sae, register_sae, sae_class, sae_config
 from sae_train.saes.relu import ReLUConfig, ReLUSAE
@@ -21,6 +22,6 @@ __all__ = [
     "SAEConfig", "SAEConfigError", "SAEOutput", "SparseAutoencoder", "TopKConfig", "TopKSAE",
     "BatchTopKConfig", "BatchTopKSAE", "ReLUConfig", "ReLUSAE", "JumpReLUConfig", "JumpReLUSAE",
     "SAE_CLASSES", "build_sae", "register_sae", "sae_class", "sae_config", "load_sae",
-    "load_saes", "save_sae", "SAEFormatError", "fraction_of_variance_unexplained",
+    "load_saes", "save_sae", "SAEFormatError", "EXPORT_FORMATS", "load_pretrained_sae", "fraction_of_variance_unexplained",
     "geometric_median", "input_scale_from_sample",
 ]

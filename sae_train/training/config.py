@@ -7,13 +7,14 @@ architecture (``sae.l1_coefficient`` with ``sae=topk``) fails at start, naming t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from sae_train.config import PathsConfig
+from sae_train.config import PathsConfig, require_int
 from sae_train.saes import BatchTopKConfig, JumpReLUConfig, ReLUConfig, TopKConfig
 
 
@@ -37,6 +38,13 @@ class LoaderConfig:
     prefetch: int = 4
     # Tokens sampled before training to estimate the input scale and b_dec.
     stats_tokens: int = 32768
+    # Check each cache shard's sha256 the first time training reads it (once per run).
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "block_tokens", "window_tokens", "stats_tokens"):
+            require_int(f"loader.{name}", getattr(self, name), low=1)
+        require_int("loader.prefetch", self.prefetch, low=0)
 
 
 @dataclass
@@ -56,6 +64,19 @@ class OptimConfig:
     # relu / jumprelu: ramp the sparsity penalty from 0 over this many steps.
     sparsity_warmup_steps: int = 0
 
+    def __post_init__(self) -> None:
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"optim.lr={self.lr!r}: must be a positive number, or null for "
+                             "the default")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)!r}: two numbers in [0, 1)")
+        if not self.eps > 0:
+            raise ValueError(f"optim.eps={self.eps!r}: must be positive")
+        require_int("optim.warmup_steps", self.warmup_steps, low=0)
+        require_int("optim.sparsity_warmup_steps", self.sparsity_warmup_steps, low=0)
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"optim.decay_fraction={self.decay_fraction!r}: must be in [0, 1]")
+
 
 @dataclass
 class MetricsConfig:
@@ -66,6 +87,11 @@ class MetricsConfig:
     dead_after_tokens: int = 10_000_000
     # Bins of the log10 feature-density histogram.
     histogram_bins: int = 50
+
+    def __post_init__(self) -> None:
+        require_int("metrics.every_n_steps", self.every_n_steps, low=1)
+        require_int("metrics.dead_after_tokens", self.dead_after_tokens, low=1)
+        require_int("metrics.histogram_bins", self.histogram_bins, low=1)
 
 
 @dataclass
@@ -78,6 +104,9 @@ class CheckpointConfig:
     # null: start fresh; "auto": resume from <dir>/last.ckpt if it exists; or a .ckpt path.
     resume: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        require_int("checkpoint.every_n_steps", self.every_n_steps, low=1)
+
 
 @dataclass
 class ExportConfig:
@@ -88,6 +117,19 @@ class ExportConfig:
     dtype: str = "float32"
     # Also log each exported folder to wandb as a model artifact (wandb logger only).
     wandb_artifact: bool = False
+    # native: our cfg.json + sae.safetensors (read by load_sae; TopK also by sparsify);
+    # saelens: cfg.json + sae_weights.safetensors for sae_lens.SAE.load_from_disk (every kind;
+    # batchtopk as jumprelu with its threshold); sparsify: sparsify's own layout (topk only).
+    format: str = "native"
+
+    def __post_init__(self) -> None:
+        from sae_train.saes.io import EXPORT_FORMATS
+
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"export.dtype={self.dtype!r}: use float32, bfloat16 or float16")
+        if self.format not in EXPORT_FORMATS:
+            raise ValueError(f"export.format={self.format!r}: use one of "
+                             f"{', '.join(EXPORT_FORMATS)}")
 
 
 @dataclass
@@ -105,6 +147,10 @@ class SplicedEvalConfig:
     model_name: Optional[str] = None
     model_dtype: str = "float32"
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("every_n_steps", "max_documents", "batch_size", "max_length"):
+            require_int(f"eval.{name}", getattr(self, name), low=1)
 
 
 @dataclass
@@ -191,6 +237,25 @@ class TrainAppConfig:
     # callbacks.lr={_target_: lightning.pytorch.callbacks.LearningRateMonitor}
     callbacks: dict[str, Any] = field(default_factory=dict)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def validate_train_config(cfg) -> None:
+    """Bounds on every numeric option, before anything runs: each group's dataclass
+    ``__post_init__`` (through OmegaConf.to_object) and the top-level numbers."""
+    from omegaconf import OmegaConf
+
+    for group in ("loader", "optim", "metrics", "checkpoint", "export", "eval"):
+        OmegaConf.to_object(cfg[group])
+    if cfg.max_tokens is not None:
+        require_int("max_tokens", cfg.max_tokens, low=1)
+    if cfg.num_threads is not None:
+        require_int("num_threads", cfg.num_threads, low=1)
+    kind = cfg.sae.get("kind") if cfg.get("sae") is not None else None
+    if cfg.export.format == "sparsify" and kind != "topk":
+        raise ValueError(f"export.format=sparsify cannot hold a {kind!r} SAE (sparsify has TopK "
+                         "only): use export.format=native or saelens")
+    if not str(cfg.cache_dir).strip():
+        raise ValueError("cache_dir is empty: give the activation cache written by sae-cache")
 
 
 def register_train_configs() -> None:

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 
 from sae_train.saes import save_sae
+from sae_train.saes.io import EXPORT_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -24,25 +25,48 @@ class ExportSAEs(L.Callback):
     """
 
     def __init__(self, out_dir: str | Path, metadata: Optional[dict] = None,
-                 dtype: str = "float32", wandb_artifact: bool = False):
+                 dtype: str = "float32", wandb_artifact: bool = False, format: str = "native"):
         if dtype not in _DTYPES:
             raise ValueError(f"export.dtype={dtype!r}: use one of {sorted(_DTYPES)}")
+        if format not in EXPORT_FORMATS:
+            raise ValueError(f"export.format={format!r}: use one of {', '.join(EXPORT_FORMATS)}")
         self.out_dir = Path(out_dir)
         self.metadata = metadata or {}
         self.dtype = _DTYPES[dtype]
         self.wandb_artifact = wandb_artifact
+        self.format = format
         self.exported: dict[str, Path] = {}
+        # Last held-out metrics per site; kept in checkpoints so that resuming a finished run
+        # (no new validation) exports them again instead of an empty dict.
+        self.val_metrics: dict[str, dict[str, float]] = {}
+
+    def state_dict(self) -> dict:
+        return {"val_metrics": self.val_metrics}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.val_metrics = dict(state.get("val_metrics", {}))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        for site in pl_module.sites:
+            metrics = {k.split("/")[-1]: float(v) for k, v in trainer.callback_metrics.items()
+                       if k.startswith(f"val/{site}/") and getattr(v, "numel", lambda: 1)() == 1}
+            if metrics:
+                self.val_metrics[site] = metrics
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.interrupted or not trainer.is_global_zero:
             return
+        if trainer.global_step == 0:
+            log.error("no optimizer step was run: nothing is exported")
+            return  # the app reports it as an error
         summary = pl_module.export_metadata()
         for site in pl_module.sites:
-            metrics = {k.split("/")[-1]: float(v) for k, v in trainer.callback_metrics.items()
-                       if k.startswith(f"val/{site}/")}
             metadata = {**self.metadata, "site": site, "training": summary,
-                        "val_metrics": metrics}
-            path = save_sae(pl_module.sae(site), self.out_dir / site, metadata, dtype=self.dtype)
+                        "val_metrics": self.val_metrics.get(site, {})}
+            path = save_sae(pl_module.sae(site), self.out_dir / site, metadata, dtype=self.dtype,
+                            format=self.format)
             self.exported[site] = path
             log.info("exported %s → %s", site, path)
             if self.wandb_artifact:

@@ -27,6 +27,9 @@ from sae_train.training.metrics import (ExplainedVariance, FeatureDensity,
 
 log = logging.getLogger(__name__)
 
+# Checkpoint entry holding SAETrainingModule.weight_fingerprint().
+FINGERPRINT_KEY = "foxp2_weight_fingerprint"
+
 # Tokens used to calibrate inference thresholds (bounded: it materialises tokens × n_latents).
 _CALIBRATION_TOKENS = 2048
 
@@ -111,6 +114,22 @@ class SAETrainingModule(L.LightningModule):
 
     def sae(self, site: str) -> SparseAutoencoder:
         return self.saes[site_key(site)]
+
+    # ------------------------------------------------------------------ checkpoint identity
+    def weight_fingerprint(self) -> dict[str, Any]:
+        """The settings that shape the weights, flattened (``sae.k``, ``widths.<site>``, ...).
+
+        Stored in every checkpoint; a resume under other values is refused (see
+        :func:`sae_train.training.fingerprint.check_resume`). ``cache_config_hash`` is set by the
+        app (which cache the data came from)."""
+        flat = {f"sae.{k}": v for k, v in self.sae_config.to_dict().items()}
+        flat.update({f"widths.{s}": int(w) for s, w in self.hparams["widths"].items()})
+        flat["sites"] = list(self.sites)
+        flat["cache_config_hash"] = getattr(self, "cache_config_hash", None)
+        return flat
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[FINGERPRINT_KEY] = self.weight_fingerprint()
 
     # ------------------------------------------------------------------ initialisation
     def setup(self, stage: str) -> None:
