@@ -110,22 +110,38 @@ class Support:
 
 
 class NeuronShift(nn.Module):
-    """θ for every layer of a support (one parameter vector per layer)."""
+    """θ for every layer of a support (one parameter vector per layer); with ``affine``, also
+    a per-neuron gain s (LinEAS-style): x[S] ← x[S] + w·(s ⊙ x[S] + σ ⊙ θ)."""
 
-    def __init__(self, support: Support, init: str = "zero"):
+    def __init__(self, support: Support, init: str = "zero", affine: bool = False):
         super().__init__()
         self.support = support
+        self.affine = affine
         self.theta = nn.ParameterDict()
+        self.gain = nn.ParameterDict()
         for layer in support.layers:
             n = support.index[layer].numel()
             start = support.init.get(layer) if init == "contrast" else None
             value = start.float().clone() if start is not None else torch.zeros(n)
             self.theta[str(layer)] = nn.Parameter(value)
+            if affine:
+                self.gain[str(layer)] = nn.Parameter(torch.zeros(n))
 
     def shift(self, layer: int) -> Tensor:
         """The raw shift σ ⊙ θ of one layer (activation units)."""
         return self.support.scale[layer].to(self.theta[str(layer)].device) \
             * self.theta[str(layer)]
+
+    def delta(self, layer: int, selected: Tensor) -> Tensor:
+        """The edit of the support's activations ``selected`` (…, n), before the position
+        weight: σ ⊙ θ (+ s ⊙ x with ``affine``)."""
+        out = self.shift(layer).to(selected.dtype)
+        if self.affine:
+            out = out + self.gain[str(layer)].to(selected.dtype) * selected
+        return out
+
+    def parameters_by_group(self) -> list[nn.Parameter]:
+        return [*self.theta.values(), *self.gain.values()]
 
     @torch.no_grad()
     def soft_threshold(self, optimizer: torch.optim.Adam, strength: float) -> None:
@@ -135,7 +151,7 @@ class NeuronShift(nn.Module):
         not tell them apart, since Adam moves every coordinate by about lr."""
         group = optimizer.param_groups[0]
         beta2, eps, lr = group["betas"][1], group["eps"], group["lr"]
-        for p in self.theta.values():
+        for p in self.parameters_by_group():
             state = optimizer.state.get(p, {})
             if "exp_avg_sq" not in state:
                 continue
@@ -144,10 +160,17 @@ class NeuronShift(nn.Module):
             p.copy_(p.sign() * (p.abs() - lr * strength / denom).clamp_min(0))
 
     def l1(self) -> Tensor:
-        return sum(p.abs().sum() for p in self.theta.values())
+        return sum(p.abs().sum() for p in self.parameters_by_group())
 
     def n_nonzero(self) -> int:
-        return sum(int((p != 0).sum()) for p in self.theta.values())
+        """Neurons with a non-zero shift or gain."""
+        total = 0
+        for layer in self.support.layers:
+            on = self.theta[str(layer)] != 0
+            if self.affine:
+                on = on | (self.gain[str(layer)] != 0)
+            total += int(on.sum())
+        return total
 
 
 def position_weights(prompt_end: Tensor, width: int, position: str, decode_steps: int,
@@ -176,10 +199,9 @@ def shifted(model, steer: NeuronShift, weights: Tensor) -> Iterator[None]:
         def pre_hook(_module, args, layer=layer, index=index):
             x = args[0]
             w = weights.to(x.device, x.dtype)[..., None]
-            delta = torch.zeros_like(x)
-            delta = delta.index_add(-1, index.to(x.device),
-                                    (w * steer.shift(layer).to(x.dtype)))
-            return (x + delta, *args[1:])
+            idx = index.to(x.device)
+            edit = w * steer.delta(layer, x.index_select(-1, idx))
+            return (x.index_add(-1, idx, edit), *args[1:])
 
         handles.append(module.register_forward_pre_hook(pre_hook))
     try:
@@ -370,12 +392,20 @@ def to_artifact(steer: NeuronShift, *, target: str, english: str, method: str, p
     """Neuron-space edits at λ = 1, β = 0 holding the non-zero learned shifts."""
     edits = []
     for layer in steer.support.layers:
+        index = steer.support.index[layer].long()
         shift = steer.shift(layer).detach().float().cpu()
         keep = shift != 0
-        if not bool(keep.any()):
+        gain = {}
+        if steer.affine:
+            g = steer.gain[str(layer)].detach().float().cpu()
+            on = g != 0
+            if bool(on.any()):
+                gain = {"scale_index": index[on], "scale": g[on]}
+        if not bool(keep.any()) and not gain:
             continue
-        edits.append(LayerEdit(layer=layer, space="neurons", add=shift[keep],
-                               add_index=steer.support.index[layer][keep.cpu()].long()))
+        edits.append(LayerEdit(layer=layer, space="neurons",
+                               add=shift[keep] if bool(keep.any()) else None,
+                               add_index=index[keep] if bool(keep.any()) else None, **gain))
     return SteeringArtifact(method=method, target=target, english=english, edits=edits,
                             lam=1.0, beta=0.0, position=position, decode_steps=decode_steps,
                             sustain=sustain, provenance=provenance)

@@ -190,3 +190,58 @@ def test_position_weights_follow_the_runtime():
 def test_bad_learn_config_is_a_clear_error(bad):
     with pytest.raises(LearnedSteerError, match=next(iter(bad))):
         LearnConfig(**bad)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_artifact_applies_exactly_what_was_trained(load_tiny, affine, tmp_path):
+    """The runtime applying the saved artifact gives the training hook's logits."""
+    from steering.learned import NeuronShift, shifted, to_artifact
+
+    model, tokenizer, _ = load_tiny("gemma3")
+    width = model.config.intermediate_size
+    g = torch.Generator().manual_seed(3)
+    support = Support([0, 1], {l: torch.randperm(width, generator=g)[:40] for l in (0, 1)},
+                      {l: torch.rand(40, generator=g) + 0.5 for l in (0, 1)})
+    shift = NeuronShift(support, affine=affine)
+    with torch.no_grad():
+        for p in shift.parameters_by_group():
+            p.copy_(torch.randn(p.shape, generator=g))
+        shift.theta["1"][:10] = 0  # some neurons off
+    batch = tokenizer([DEFAULT_TEMPLATE.format(prompt=p) for p in HELD_OUT_PROMPTS],
+                      return_tensors="pt", padding=True)
+    with torch.no_grad(), shifted(model, shift, torch.ones(batch["input_ids"].shape)):
+        trained = model(**batch).logits
+    art = to_artifact(shift, target="es", english="en", method="m", position="all",
+                      decode_steps=0, sustain=0.0, provenance={})
+    art.save(tmp_path / "a")
+    with torch.no_grad(), steer(model, SteeringArtifact.load(tmp_path / "a")):
+        applied = model(**batch).logits
+    assert torch.allclose(trained, applied, atol=1e-4)
+    with torch.no_grad():
+        plain = model(**batch).logits
+    assert not torch.allclose(plain, applied, atol=1e-3)
+
+
+def test_lineas_matches_target_distribution_and_sparsifies(load_tiny):
+    from steering.lineas import LineasConfig, learn_lineas
+    from steering.teacher import neuron_scales
+
+    base, tokenizer, _ = load_tiny("llama")
+    spanish = _spanish(40)
+    english = [d.text for d in load_embedded_corpus(["en"], ["discovery"]).to_documents()
+               if d.language == "en"][:40]
+    scales = neuron_scales(base, tokenizer, spanish + english, list(LAYERS))
+    width = base.config.intermediate_size
+    support = Support(list(LAYERS), {l: torch.arange(width) for l in LAYERS}, scales)
+    en_ids = [tokenizer(t)["input_ids"] for t in english]
+    es_ids = [tokenizer(t)["input_ids"] for t in spanish]
+    dense = learn_lineas(base, support, en_ids, es_ids,
+                         LineasConfig(steps=40, lr=0.05, l1_weight=0.0, progress=False),
+                         target_lang="es")
+    first, last = dense.history[0]["sw"], np.mean([h["sw"] for h in dense.history[-5:]])
+    assert last < 0.85 * first, (first, last)
+    assert any(e.has_gain for e in dense.artifact.edits)
+    sparse = learn_lineas(base, support, en_ids, es_ids,
+                          LineasConfig(steps=40, lr=0.05, l1_weight=0.003, progress=False),
+                          target_lang="es")
+    assert sparse.n_nonzero < 0.25 * support.size < dense.n_nonzero
