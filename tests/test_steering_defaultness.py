@@ -150,3 +150,27 @@ def test_repetition_penalty_decodes_as_generate_does(load_tiny, arch):
     assert torch.allclose(masses[..., 0], plain_masses[..., 0])
     with pytest.raises(ValueError, match="repetition_penalty"):
         greedy_language_masses(model, ids, attn, set_ids, steps, repetition_penalty=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_no_repeat_ngram_decodes_as_generate_does(load_tiny, arch):
+    from steering.defaultness import greedy_language_masses, left_pad
+
+    model, tokenizer, _ = load_tiny(arch)
+    sets = hand_sets(len(tokenizer))
+    set_ids = [sets.id_tensor("es", "cpu"), sets.id_tensor("en", "cpu")]
+    pad = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    ids, attn = left_pad([tokenizer(DEFAULT_TEMPLATE.format(prompt=p))["input_ids"]
+                          for p in PROMPTS], pad)
+    steps = 16
+    with torch.no_grad():
+        _, plain = greedy_language_masses(model, ids, attn, set_ids, steps)
+        _, tokens = greedy_language_masses(model, ids, attn, set_ids, steps,
+                                           no_repeat_ngram_size=2)
+        reference = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=steps,
+                                   min_new_tokens=steps, do_sample=False,
+                                   no_repeat_ngram_size=2, pad_token_id=pad)[:, ids.shape[1]:]
+    assert torch.equal(tokens, reference)
+    assert not torch.equal(tokens, plain)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        greedy_language_masses(model, ids, attn, set_ids, steps, no_repeat_ngram_size=-1)

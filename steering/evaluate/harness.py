@@ -81,6 +81,8 @@ class EvalSettings:
     template: str = DEFAULT_TEMPLATE
     # Greedy decoding with this repetition penalty (1: plain greedy, DESIGN's protocol).
     repetition_penalty: float = 1.0
+    # ... and never repeating an n-gram of this size (0: off)
+    no_repeat_ngram_size: int = 0
     n_boot: int = 2000
     seed: int = 0
     guards: FluencyGuards = field(default_factory=FluencyGuards)
@@ -127,7 +129,8 @@ def generate(model, tokenizer, prompts: Sequence[str], artifact: SteeringArtifac
         with _context(model, artifact, gamma):
             masses, tokens = greedy_language_masses(model, ids.to(device), attn.to(device),
                                                     set_ids, n_new,
-                                                    settings.repetition_penalty)
+                                                    settings.repetition_penalty,
+                                                    settings.no_repeat_ngram_size)
         dm.append((masses[0, :, :settings.steps] - masses[1, :, :settings.steps]).mean(-1))
         for row in tokens.tolist():
             cut = next((i for i, t in enumerate(row) if t in eos), len(row))

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Sequence
 
 import torch
-from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+from transformers.generation.logits_process import (NoRepeatNGramLogitsProcessor,
+                                                   RepetitionPenaltyLogitsProcessor)
 
 from steering.language.token_sets import LanguageTokenSets
 
@@ -93,7 +94,7 @@ def _returned_cache(output):
 @torch.inference_mode()
 def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            set_ids: Sequence[torch.Tensor], steps: int,
-                           repetition_penalty: float = 1.0
+                           repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy-decode ``steps`` tokens from a left-padded batch with the KV cache.
 
@@ -101,14 +102,22 @@ def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch
     sums the float32 softmax over ``set_ids[k]`` at each step. ``repetition_penalty`` ≠ 1
     picks each token as ``generate(do_sample=False, repetition_penalty=...)`` does (every
     token already in the row, prompt included, has its logit divided by the penalty, or
-    multiplied when negative); the masses stay the model's own distribution.
+    multiplied when negative); ``no_repeat_ngram_size`` = n > 0 never repeats an n-gram of the
+    row, as ``generate(no_repeat_ngram_size=n)`` does (left padding included: the processor
+    sees the padded rows exactly as generate() does). The masses stay the model's own
+    distribution.
     """
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty={repetition_penalty}: must be > 0 (1: off)")
-    # transformers' own processor, so the decode is generate()'s by construction
-    penalise = RepetitionPenaltyLogitsProcessor(repetition_penalty) \
-        if repetition_penalty != 1.0 else None
-    seen = input_ids if penalise is not None else None  # every id so far, per row
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size={no_repeat_ngram_size}: must be ≥ 0 (0: off)")
+    # transformers' own processors, so the decode is generate()'s by construction
+    processors = []
+    if repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if no_repeat_ngram_size > 0:
+        processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+    seen = input_ids if processors else None  # every id so far, per row
     device = input_ids.device
     masses = torch.zeros(len(set_ids), input_ids.shape[0], steps, dtype=torch.float32)
     tokens = torch.zeros(input_ids.shape[0], steps, dtype=torch.long)
@@ -127,7 +136,10 @@ def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch
         if seen is None:
             chosen = logits.argmax(-1)
         else:
-            chosen = penalise(seen, logits).argmax(-1)  # returns a new tensor
+            scores = logits
+            for process in processors:
+                scores = process(seen, scores)  # each returns a new tensor
+            chosen = scores.argmax(-1)
             seen = torch.cat([seen, chosen[:, None]], 1)
         tokens[:, step] = chosen.cpu()
         if step == steps - 1:

@@ -65,7 +65,7 @@ SPACES = ("resid", "neurons", "replace")
 POSITION_MODES = ("prompt_end", "all")
 _TENSOR_FIELDS = ("add", "add_index", "remove_index", "remove_encoder", "remove_bias",
                   "remove_mean", "remove_decoder", "gate_index", "gate_encoder", "gate_bias",
-                  "gate_base", "gate_delta")
+                  "gate_base", "gate_delta", "scale_index", "scale")
 
 
 class ArtifactError(ValueError):
@@ -94,6 +94,10 @@ class LayerEdit:
     gate_bias: Optional[Tensor] = None
     gate_base: Optional[Tensor] = None
     gate_delta: Optional[Tensor] = None
+    # Per-neuron gain (neurons only; learned LinEAS-style maps): x[scale_index] += γ·λ·scale ⊙
+    # x[scale_index], on the activations before the push is added.
+    scale_index: Optional[Tensor] = None
+    scale: Optional[Tensor] = None
 
     def __post_init__(self):
         if self.space not in SPACES:
@@ -107,6 +111,10 @@ class LayerEdit:
                                     "remove_encoder and remove_decoder")
             if self.space in ("neurons", "replace") and self.remove_index is None:
                 raise ArtifactError(f"layer {self.layer}: the English term needs remove_index")
+        if self.scale is not None and (self.space != "neurons" or self.scale_index is None
+                                       or self.scale_index.shape != self.scale.shape):
+            raise ArtifactError(f"layer {self.layer}: a gain needs space='neurons' and a "
+                                "scale_index of the scale's shape")
         if self.space == "replace" and not self.sae_path:
             raise ArtifactError(f"layer {self.layer}: replace mode needs the SAE's sae_path")
 
@@ -122,6 +130,10 @@ class LayerEdit:
     @property
     def has_push(self) -> bool:
         return self.add is not None and self.add.numel() > 0
+
+    @property
+    def has_gain(self) -> bool:
+        return self.scale is not None and self.scale.numel() > 0
 
     @property
     def has_removal(self) -> bool:

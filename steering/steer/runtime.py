@@ -145,7 +145,7 @@ class Steerer:
 
         self.handles.append(self.model.register_forward_pre_hook(track, with_kwargs=True))
         for edit in self.artifact.edits:
-            if not (edit.has_push or edit.has_removal):
+            if not (edit.has_push or edit.has_removal or edit.has_gain):
                 continue
             module, where = site_module(self.model, edit.site)
             if where == "output":
@@ -198,6 +198,10 @@ class Steerer:
             delta = self._replace_delta(edit, x, lam, beta)
         else:
             delta = torch.zeros_like(x)
+            if edit.has_gain and lam != 0:
+                idx = self._tensor(edit, "scale_index", x)
+                gain = self._tensor(edit, "scale", x).float()
+                delta[..., idx] += (lam * gain * x[..., idx].float()).to(x.dtype)
             if edit.has_push and lam != 0:
                 scale = lam * self._gate(edit, x)[..., None] if edit.has_gate else lam
                 if edit.space == "neurons":

@@ -1,0 +1,66 @@
+"""The relevance guard (steering.relevance) on the tiny random Llama.
+
+Filler that is the same for every question has a mean PMI of exactly zero (each answer is
+scored against the same questions as its own); the model's own greedy answers to distinct
+questions are cheaper under their own question than under the others (PMI > 0), and τ is a
+quantile of the native answers' PMI.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from steering.defaultness import DEFAULT_TEMPLATE
+from steering.relevance import (RelevanceError, RelevanceSettings, calibrate_threshold,
+                                relevance_pmi)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+QUESTIONS = ["Explain how rain forms.", "Why is the sky blue?", "Name three fruits.",
+             "What is a river?", "Describe a cat.", "How do birds fly?"]
+
+
+def _greedy_answers(model, tokenizer, n_new=12):
+    answers = []
+    for q in QUESTIONS:
+        ids = tokenizer(DEFAULT_TEMPLATE.format(prompt=q), return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=n_new, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        answers.append(out[0, ids["input_ids"].shape[1]:].tolist())
+    return answers
+
+
+def test_same_filler_for_every_question_has_zero_mean_pmi(load_tiny):
+    model, tokenizer, _ = load_tiny("llama")
+    filler = tokenizer(" the same words for every question", add_special_tokens=False)
+    pmi = relevance_pmi(model, tokenizer, QUESTIONS, [filler["input_ids"]] * len(QUESTIONS),
+                        DEFAULT_TEMPLATE, RelevanceSettings(n_others=len(QUESTIONS) - 1))
+    assert abs(float(np.mean(pmi))) < 1e-4
+
+
+def test_own_answers_are_relevant(load_tiny):
+    model, tokenizer, _ = load_tiny("llama")
+    answers = _greedy_answers(model, tokenizer)
+    pmi = relevance_pmi(model, tokenizer, QUESTIONS, answers, DEFAULT_TEMPLATE,
+                        RelevanceSettings(n_others=3))
+    assert (pmi > 0).all() and float(np.mean(pmi)) > 0.01
+    shuffled = answers[1:] + answers[:1]  # each answer paired with another question
+    pmi_wrong = relevance_pmi(model, tokenizer, QUESTIONS, shuffled, DEFAULT_TEMPLATE,
+                              RelevanceSettings(n_others=3))
+    assert float(np.mean(pmi_wrong)) < float(np.mean(pmi))
+    tau = calibrate_threshold(pmi, 0.0)
+    assert tau == pytest.approx(float(np.min(pmi)))
+
+
+@pytest.mark.parametrize("bad", [dict(n_others=0), dict(max_tokens=0), dict(quantile=1.0)])
+def test_bad_relevance_settings(bad):
+    with pytest.raises(RelevanceError, match=next(iter(bad))):
+        RelevanceSettings(**bad)
+
+
+def test_relevance_needs_two_questions(load_tiny):
+    model, tokenizer, _ = load_tiny("llama")
+    with pytest.raises(RelevanceError, match="two questions"):
+        relevance_pmi(model, tokenizer, ["q"], [[1, 2]], DEFAULT_TEMPLATE)
