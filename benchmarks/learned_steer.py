@@ -24,15 +24,16 @@ import torch
 from sae_train.config import ModelConfig
 from sae_train.corpora.embedded import load_embedded_prompts
 from sae_train.models.loading import load_model
-from steering.build import Localisation
-from steering.evaluate import (EvalSettings, HeldOutText, evaluate_method, generate,
+from steering.steer.localisation import Localisation
+from steering.evaluate.harness import (EvalSettings, HeldOutText, evaluate_method, generate,
                                guarded_default, language_nll_offset, sentence_scores)
-from steering.judge import identifiers_for
-from steering.learned import HeldOutKL, LearnConfig, learn_steer
-from steering.native import native_prompts, native_template
-from steering.pipeline import _subset, split_sentences
-from steering.teacher import build_support, neuron_scales, teacher_answers
-from steering.token_sets import LanguageTokenSets
+from steering.evaluate.judge import identifiers_for
+from steering.steer.learned import HeldOutKL, LearnConfig, learn_steer
+from steering.evaluate.native import native_prompts, native_template
+from steering.evaluate.pipeline import _subset, split_sentences
+from steering.evaluate.teacher import teacher_answers
+from steering.steer.supports import build_support, neuron_scales
+from steering.language.token_sets import LanguageTokenSets
 
 
 def traced_layers(loc: Localisation) -> list[int]:

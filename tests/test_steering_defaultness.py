@@ -154,7 +154,7 @@ def test_repetition_penalty_decodes_as_generate_does(load_tiny, arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_no_repeat_ngram_decodes_as_generate_does(load_tiny, arch):
-    from steering.defaultness import greedy_language_masses, left_pad
+    from steering.language.defaultness import greedy_language_masses, left_pad
 
     model, tokenizer, _ = load_tiny(arch)
     sets = hand_sets(len(tokenizer))

@@ -19,12 +19,12 @@ import torch
 
 from sae_train.corpora.embedded import load_embedded_corpus
 from sae_train.models.sites import decoder_layers
-from steering.artifact import SteeringArtifact
-from steering.defaultness import DEFAULT_TEMPLATE, greedy_language_masses, left_pad
-from steering.learned import (HeldOutKL, LearnConfig, LearnedSteerError, Support,
+from steering.steer.artifact import SteeringArtifact
+from steering.language.defaultness import DEFAULT_TEMPLATE, greedy_language_masses, left_pad
+from steering.steer.learned import (HeldOutKL, LearnConfig, LearnedSteerError, Support,
                               TeacherExample, answer_nll, learn_steer, position_weights)
-from steering.runtime import steer
-from steering.token_sets import LanguageTokenSets
+from steering.steer.runtime import steer
+from steering.language.token_sets import LanguageTokenSets
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -164,7 +164,7 @@ def test_kl_term_keeps_target_text_closer(load_tiny):
                         target="es", english="en", method="m", sustain=1.0)
     tight = learn_steer(model, support, teacher, held, LearnConfig(kl_weight=5.0, **common),
                         target="es", english="en", method="m", sustain=1.0)
-    from steering.learned import NeuronShift
+    from steering.steer.learned import NeuronShift
 
     def kl_of(art):
         shift = NeuronShift(support)
@@ -195,7 +195,7 @@ def test_bad_learn_config_is_a_clear_error(bad):
 @pytest.mark.parametrize("affine", [False, True])
 def test_artifact_applies_exactly_what_was_trained(load_tiny, affine, tmp_path):
     """The runtime applying the saved artifact gives the training hook's logits."""
-    from steering.learned import NeuronShift, shifted, to_artifact
+    from steering.steer.learned import NeuronShift, shifted, to_artifact
 
     model, tokenizer, _ = load_tiny("gemma3")
     width = model.config.intermediate_size
@@ -223,8 +223,8 @@ def test_artifact_applies_exactly_what_was_trained(load_tiny, affine, tmp_path):
 
 
 def test_lineas_matches_target_distribution_and_sparsifies(load_tiny):
-    from steering.lineas import LineasConfig, learn_lineas
-    from steering.teacher import neuron_scales
+    from steering.steer.lineas import LineasConfig, learn_lineas
+    from steering.steer.supports import neuron_scales
 
     base, tokenizer, _ = load_tiny("llama")
     spanish = _spanish(40)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from steering.defaultness import DEFAULT_TEMPLATE
-from steering.relevance import (RelevanceError, RelevanceSettings, calibrate_threshold,
+from steering.language.defaultness import DEFAULT_TEMPLATE
+from steering.evaluate.relevance import (RelevanceError, RelevanceSettings, calibrate_threshold,
                                 relevance_pmi)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

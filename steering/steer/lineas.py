@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from sae_train.models.sites import site_module
-from steering.learned import (LearnedSteerError, LearnResult, NeuronShift, Support,
+from steering.steer.learned import (LearnedSteerError, LearnResult, NeuronShift, Support,
                               right_pad, to_artifact)
 
 

@@ -44,11 +44,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae_train.models.sites import site_module
-from steering.artifact import LayerEdit, SteeringArtifact
+from steering.steer.artifact import LayerEdit, SteeringArtifact
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ its question, by pointwise mutual information against the other questions::
     PMI_i = mean_k NLL(a_i | q_{i+k}) − NLL(a_i | q_i)        (nats/token, k = 1 … K)
 
 with every NLL the mean per token of the answer's first ``max_tokens`` tokens, each question
-asked in the target language (translated prompt and template, :mod:`steering.native`) where a
+asked in the target language (translated prompt and template, :mod:`steering.evaluate.native`) where a
 translation exists, else in English with the English template. An answer that fits any
 question equally well has PMI ≈ 0; a real answer to its own question is cheaper under it.
 
@@ -49,7 +49,7 @@ def relevance_pmi(model, tokenizer, questions: Sequence[str], answers: Sequence[
                   batch_size: int = 16) -> np.ndarray:
     """PMI_i (module docstring) of each answer (token ids) for its question; NaN for an empty
     answer. ``questions`` are already in the language of ``template``."""
-    from steering.evaluate import continuation_nll
+    from steering.evaluate.harness import continuation_nll
 
     n = len(questions)
     if n != len(answers):
