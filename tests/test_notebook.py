@@ -185,3 +185,42 @@ def test_random_control_matches_foxp2s_push_norm_on_other_neurons(tiny_demo_run)
         assert set(r.add_index.tolist()) != set(f.add_index.tolist())
         # the gate saturates at the push's own size, as FOXP2's does (gate_delta = add)
         assert torch.allclose(r.gate_delta, r.add) and torch.allclose(f.gate_delta, f.add)
+
+
+def test_learned_methods_through_the_steer_app(tiny_demo_run, foxp2_cache_root, repo_root,
+                                               tmp_path):
+    """foxp2_learned, its random/dense controls and LinEAS go through foxp2-steer like every
+    method: trained, γ tuned on the tuning split, evaluated with the relevance guard, saved."""
+    from steering import SteeringArtifact
+
+    out = tmp_path / "steer-learned"
+    cmd = [sys.executable, "-c", "from steering.apps.steer_app import main; main()",
+           "model=tiny_llama", "target=es", f"paths.root={tiny_demo_run}",
+           f"cache_dir={tiny_demo_run / 'cache'}", f"localise_dir={tiny_demo_run / 'localise-es'}",
+           f"out_dir={out}",
+           "methods=[foxp2_neurons,foxp2_learned,foxp2_learned_random,foxp2_learned_dense,lineas]",
+           "primary=foxp2_learned", "frontier.methods=[]", "tuning.window_width=null",
+           "tuning.n_prompts=6", "tuning.n_sentences=6", "tuning.lams=[1.0,4.0]",
+           "evaluation.n_prompts=8", "evaluation.n_sentences=6", "evaluation.max_new_tokens=12",
+           "evaluation.n_boot=100", "learn.steps=8", "learn.lineas_steps=8",
+           "learn.judge_teacher=false", "learn.kl_sentences=8", "learn.gammas=[0.5,1.0]",
+           "learn.l1_weight=0", "learn.lineas_l1_weight=0",
+           "evaluation.no_repeat_ngram_size=3", "num_threads=1", "progress=false",
+           "wandb.enabled=false"]
+    result = subprocess.run(cmd, env=_env(foxp2_cache_root), cwd=repo_root, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    report = json.loads((out / "report" / "report.json").read_text())
+    for method in ("foxp2_learned", "foxp2_learned_random", "foxp2_learned_dense", "lineas"):
+        m = report["methods"][method]
+        assert m["strengths"]["lam"] in (0.5, 1.0)  # γ chosen among learn.gammas
+        assert [p["lam"] for p in m["tuning"]][:1] == [0.5]
+        assert 0 <= m["metrics"]["relevance"]["mean"] <= 1
+        art = SteeringArtifact.load(out / "artifacts" / method)
+        assert art.provenance["support_size"] >= art.provenance["nonzero"] > 0
+    traced = report["methods"]["foxp2_learned"]["support_size"]
+    assert report["methods"]["foxp2_learned_random"]["support_size"] == traced
+    assert report["methods"]["foxp2_learned_dense"]["support_size"] > traced
+    assert (out / "work" / "teacher.json").is_file()
+    md = (out / "report" / "report.md").read_text()
+    assert "relevant" in md and "| lineas |" in md

@@ -101,8 +101,23 @@ class SteerEvalConfig:
     # as generate(do_sample=False, repetition_penalty=...) applies it; 1: plain greedy
     # (DESIGN's protocol). A sensitivity knob: a small base model loops under plain greedy.
     repetition_penalty: float = 1.0
+    # ... and never repeating an n-gram of this size, as generate(no_repeat_ngram_size=...)
+    # does (0: off).
+    no_repeat_ngram_size: int = 0
+    # The relevance guard (steering.evaluate.relevance): an answer counts for DEFAULT only if
+    # the unsteered model finds it more likely after its own (translated) question than after
+    # others, by at least τ nats/token; τ is the `relevance_quantile` of the native answers'
+    # PMI on the tuning split (so the native row keeps ~95% of its passes). False: no guard.
+    relevance: bool = True
+    relevance_quantile: float = 0.05
+    relevance_others: int = 4  # other questions each answer is compared against
 
     def __post_init__(self):
+        _check(self.no_repeat_ngram_size >= 0,
+               f"evaluation.no_repeat_ngram_size={self.no_repeat_ngram_size}: must be ≥ 0")
+        _check(0 <= self.relevance_quantile < 1 and self.relevance_others >= 1,
+               f"evaluation.relevance_quantile={self.relevance_quantile} (in [0, 1)), "
+               f"evaluation.relevance_others={self.relevance_others} (≥ 1)")
         _check(self.repetition_penalty > 0,
                f"evaluation.repetition_penalty={self.repetition_penalty}: must be > 0 (1: off)")
         _check(self.native_template is None or "{prompt}" in self.native_template,
@@ -111,6 +126,49 @@ class SteerEvalConfig:
         _check(self.batch_size >= 1 and self.gen_batch_size >= 1,
                f"evaluation.batch_size={self.batch_size}, evaluation.gen_batch_size="
                f"{self.gen_batch_size}: both must be ≥ 1")
+
+
+@dataclass
+class SteerLearnConfig:
+    """Learned steers (steering.steer.learned; methods foxp2_learned, foxp2_learned_random,
+    foxp2_learned_dense, lineas): trained once per method on the discovery split, then γ is
+    chosen on the tuning split like every strength."""
+
+    # Where the learned FOXP2 shift may act: "window" (the steering window's traced neurons)
+    # or "traced" (the traced neurons of every analysed layer that has any).
+    layers: str = "window"
+    steps: int = 150  # Adam steps
+    lr: float = 0.05  # on θ, in units of each neuron's activation std
+    batch_size: int = 8  # teacher answers (and held-out sentences) per step
+    first_tokens: int = 3  # the first answer tokens, weighted by first_weight
+    first_weight: float = 4.0
+    kl_weight: float = 1.0  # κ: KL(steered ‖ base) on discovery target sentences
+    l1_weight: float = 0.002  # ρ: L1 on θ, a proximal step in Adam's metric
+    max_answer_tokens: int = 24
+    init: str = "zero"  # "zero" or "contrast" (the FOXP2 push, in std units)
+    # Keep only native answers the harness's judge accepts (False: every non-empty one; for
+    # models too small to pass the judge, such as the tiny test models).
+    judge_teacher: bool = True
+    # Prompt splits whose native answers teach the steer (never "evaluation").
+    teacher_splits: list[str] = field(default_factory=lambda: ["discovery"])
+    kl_sentences: int = 64  # discovery target sentences of the KL term
+    # γ candidates (tuned on the tuning split with the app's budget and objective).
+    gammas: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5])
+    # LinEAS: Adam steps, learning rate, L1 weight, random projections of the SW loss.
+    lineas_steps: int = 150
+    lineas_lr: float = 0.01
+    lineas_l1_weight: float = 0.002
+    lineas_projections: int = 256
+
+    def __post_init__(self):
+        _check(self.layers in ("window", "traced"),
+               f"learn.layers={self.layers!r}: use window or traced")
+        _check("evaluation" not in self.teacher_splits and self.teacher_splits,
+               f"learn.teacher_splits={self.teacher_splits}: the evaluation split never "
+               "teaches; use discovery and/or tuning")
+        _check(self.gammas and all(g > 0 for g in self.gammas),
+               f"learn.gammas={self.gammas}: give positive strengths")
+        _check(self.kl_sentences >= 1, f"learn.kl_sentences={self.kl_sentences}: must be ≥ 1")
 
 
 @dataclass
@@ -156,6 +214,7 @@ class SteerAppConfig:
     tuning: SteerTuningConfig = field(default_factory=SteerTuningConfig)
     evaluation: SteerEvalConfig = field(default_factory=SteerEvalConfig)
     frontier: FrontierConfig = field(default_factory=FrontierConfig)
+    learn: SteerLearnConfig = field(default_factory=SteerLearnConfig)
     wandb: WandbReportConfig = field(default_factory=WandbReportConfig)
     # Reuse finished methods in <out_dir>/work/ whose inputs and settings are unchanged.
     resume: bool = True

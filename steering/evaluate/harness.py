@@ -281,11 +281,13 @@ def evaluate_method(model, tokenizer, artifact: SteeringArtifact | None, *, targ
                     english: str, prompts: Sequence[str], sentences: Sequence[str],
                     token_sets: LanguageTokenSets, settings: EvalSettings,
                     reference: Generations | None = None, reference_nll: np.ndarray | None = None,
-                    identifiers=None, gamma: float | None = None, nll_offset: float = 0.0
-                    ) -> tuple[dict, Generations]:
+                    identifiers=None, gamma: float | None = None, nll_offset: float = 0.0,
+                    relevance=None) -> tuple[dict, Generations]:
     """Every metric of one method (module docstring). ``reference``: the unsteered
     generations (their continuation NLL is the fluency guard's baseline). ``nll_offset``
-    (nats/token) is added to that baseline in the guard only (:func:`language_nll_offset`)."""
+    (nats/token) is added to that baseline in the guard only (:func:`language_nll_offset`).
+    ``relevance`` (a :class:`steering.evaluate.relevance.RelevanceCheck`): DEFAULT also needs
+    the answer to be about its own question; its rate is reported as ``relevance``."""
     started = time.perf_counter()
     ids = identifiers or identifiers_for(target, english)
     gens = generate(model, tokenizer, prompts, artifact, token_sets, target, english, settings,
@@ -302,6 +304,8 @@ def evaluate_method(model, tokenizer, artifact: SteeringArtifact | None, *, targ
     default = np.array([float(dm > 0 and j.is_target_head and j.fluent)
                         for dm, j in zip(gens.delta_m, judgements)])
     failures = default_failures(gens.delta_m, judgements, target, settings.guards)
+    default, relevance_metrics = _relevance_guard(model, tokenizer, relevance, prompts, gens,
+                                                  default, failures, settings)
     scores = sentence_scores(model, tokenizer, sentences, artifact,
                              batch_size=settings.batch_size, gamma=gamma)
     ci = lambda v: bootstrap_ci(v, n_boot=settings.n_boot, seed=settings.seed)  # noqa: E731
@@ -326,8 +330,24 @@ def evaluate_method(model, tokenizer, artifact: SteeringArtifact | None, *, targ
         "seconds": time.perf_counter() - started,
         "examples": [{"prompt": p, "head": h, "continuation": f, "default": bool(d)}
                      for p, h, f, d in list(zip(prompts, gens.heads, gens.fulls, default))[:8]],
+        **relevance_metrics,
     }
     return metrics, gens
+
+
+def _relevance_guard(model, tokenizer, relevance, prompts, gens: Generations,
+                     default: np.ndarray, failures: dict, settings: EvalSettings
+                     ) -> tuple[np.ndarray, dict]:
+    """DEFAULT with the relevance guard applied, and its metrics (none without a guard)."""
+    if relevance is None:
+        return default, {}
+    pmi = relevance.pmi(model, tokenizer, prompts, gens.new_ids, settings.batch_size)
+    relevant = np.array([float(np.isfinite(v) and v >= relevance.tau) for v in pmi])
+    failures["relevance"] = float(1 - relevant.mean()) if len(relevant) else 0.0
+    ci = lambda v: bootstrap_ci(v, n_boot=settings.n_boot, seed=settings.seed)  # noqa: E731
+    return default * relevant, {"relevance": ci(relevant), "relevance_pmi": ci(pmi),
+                                "relevance_tau": relevance.tau,
+                                "default_without_relevance": ci(default)}
 
 
 def language_nll_offset(model, tokenizer, target_text: Sequence[str] | HeldOutText,

@@ -33,13 +33,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_train.corpora.embedded import load_embedded_prompts
+from sae_train.corpora.embedded import load_embedded_prompts, load_prompt_translations
 from steering.evaluate.config import SteerAppConfig
 from steering.evaluate.harness import (EvalSettings, Generations, HeldOutText, continuation_nll,
                                        evaluate_method, generate, guarded_default,
                                        language_nll_offset, nll_guard_skip, sentence_scores)
 from steering.evaluate.judge import identifiers_for
 from steering.evaluate.native import native_prompts, native_template
+from steering.evaluate.relevance import (RelevanceCheck, RelevanceSettings, calibrate_threshold,
+                                         relevance_pmi)
+from steering.evaluate.teacher import teacher_answers
 from steering.evaluate.report import write_report
 from steering.evaluate.tuning import HarnessTuner, choose_steer_window, content_key, tune_method
 from steering.language.token_sets import LanguageTokenSets
@@ -128,6 +131,8 @@ class SteerSplits:
     eval_sents: HeldOutText
     fr_prompts: list[str]
     fr_sents: HeldOutText
+    # The relevance guard (calibrated on the tuning split's native answers), or None.
+    relevance: RelevanceCheck | None = None
 
 
 @dataclass
@@ -144,6 +149,7 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
     """Run stage III for ``cfg`` (a :class:`SteerAppConfig` or the app's DictConfig)."""
     run = start_run(as_config(cfg, SteerAppConfig), model_bundle)
     splits = load_splits(run)
+    splits.relevance = calibrate_relevance(run)
     reference = evaluate_reference(run, splits)
     base_key = result_key(run)
     methods: dict[str, dict] = {"none": {"metrics": reference.metrics, "strengths": {},
@@ -186,7 +192,8 @@ def start_run(cfg: SteerAppConfig, model_bundle: tuple | None) -> SteerRun:
     settings = EvalSettings(steps=ev.steps, max_new_tokens=ev.max_new_tokens,
                             batch_size=ev.batch_size, gen_batch_size=ev.gen_batch_size,
                             n_boot=ev.n_boot, seed=cfg.seed,
-                            repetition_penalty=ev.repetition_penalty)
+                            repetition_penalty=ev.repetition_penalty,
+                            no_repeat_ngram_size=ev.no_repeat_ngram_size)
     out = Path(cfg.out_dir)
     return SteerRun(cfg, loc, sets, model, tokenizer, info, settings,
                     identifiers_for(cfg.target, cfg.english), out, out / "work", started)
@@ -236,7 +243,8 @@ def evaluate_reference(run: SteerRun, splits: SteerSplits) -> Reference:
     metrics, gens = evaluate_method(run.model, run.tokenizer, None, target=cfg.target,
                                     english=cfg.english, prompts=splits.eval_prompts,
                                     sentences=splits.eval_sents, token_sets=run.sets,
-                                    settings=run.settings, identifiers=run.identifiers)
+                                    settings=run.settings, identifiers=run.identifiers,
+                                    relevance=splits.relevance)
     nll = continuation_nll(run.model, run.tokenizer, splits.eval_prompts, gens.new_ids,
                            nll_guard_skip(cfg.decode_steps), run.settings.template,
                            run.settings.batch_size)
@@ -263,7 +271,8 @@ def native_row(run: SteerRun, splits: SteerSplits) -> dict | None:
     if not run.cfg.evaluation.native_reference:
         return None
     return native_reference(run.model, run.tokenizer, run.cfg, splits.eval_prompt_rows,
-                            splits.eval_sents, run.sets, run.settings, run.identifiers)
+                            splits.eval_sents, run.sets, run.settings, run.identifiers,
+                            splits.relevance)
 
 
 def build_request(run: SteerRun) -> BuildRequest:
@@ -273,7 +282,59 @@ def build_request(run: SteerRun) -> BuildRequest:
                         placement=Placement(cfg.position, cfg.decode_steps, cfg.sustain),
                         seed=cfg.seed, ablation_of=_ablation_of(cfg),
                         residual_means=ResidualMeans(cfg.cache_dir, cfg.target, cfg.english),
-                        model=run.model, tokenizer=run.tokenizer, config=cfg)
+                        model=run.model, tokenizer=run.tokenizer, config=cfg,
+                        teacher=teacher_provider(run))
+
+
+def teacher_provider(run: SteerRun):
+    """The learned methods' teacher answers (steering.evaluate.teacher), computed on first use
+    and cached in work/teacher.json."""
+    found: dict = {}
+
+    def provide() -> list:
+        if "examples" not in found:
+            cfg = run.cfg
+            template = native_template(cfg.target, cfg.evaluation.native_template)
+            if template is None:
+                raise SteerError(f"no native template for {cfg.target!r}: set "
+                                 "evaluation.native_template to learn a steer")
+            examples, summary = teacher_answers(
+                run.model, run.tokenizer, load_embedded_prompts(cfg.learn.teacher_splits),
+                target=cfg.target, english=cfg.english, native_template=template,
+                token_sets=run.sets, settings=run.settings, identifiers=run.identifiers,
+                cache_file=run.work / "teacher.json",
+                model_key=json.dumps(run.info.to_dict(), sort_keys=True, default=str),
+                judge=cfg.learn.judge_teacher)
+            found.update(examples=examples, summary=summary)
+        return found["examples"]
+    return provide
+
+
+def calibrate_relevance(run: SteerRun) -> RelevanceCheck | None:
+    """τ of the relevance guard from the native answers to the tuning prompts (their PMI's
+    ``evaluation.relevance_quantile``); None when the guard is off or the target has no
+    native template or translations."""
+    cfg, ev = run.cfg, run.cfg.evaluation
+    template = native_template(cfg.target, ev.native_template)
+    rows = _subset(load_embedded_prompts(["tuning"]), cfg.tuning.n_prompts, cfg.seed)
+    texts, _ = native_prompts(rows, cfg.target)
+    if not ev.relevance or template is None or len(texts) < 2:
+        return None
+    native = dataclasses.replace(run.settings, template=template)
+    gens = generate(run.model, run.tokenizer, texts, None, run.sets, cfg.target, cfg.english,
+                    native)
+    settings = RelevanceSettings(n_others=ev.relevance_others,
+                                 max_tokens=ev.max_new_tokens, quantile=ev.relevance_quantile)
+    pmi = relevance_pmi(run.model, run.tokenizer, texts, gens.new_ids, template, settings,
+                        ev.batch_size)
+    tau = calibrate_threshold(pmi, ev.relevance_quantile)
+    table = load_prompt_translations(cfg.target)
+    questions = {p.text: table[p.id] for p in load_embedded_prompts(["evaluation"])
+                 if p.id in table}
+    log.info("relevance guard: τ = %.3f nats/token (the %g quantile of %d native tuning "
+             "answers' PMI, median %.3f)", tau, ev.relevance_quantile, len(texts),
+             float(np.nanmedian(pmi)))
+    return RelevanceCheck(tau, template, settings, questions)
 
 
 def harness_tuner(run: SteerRun, splits: SteerSplits) -> HarnessTuner:
@@ -353,7 +414,7 @@ def tune_and_evaluate(run: SteerRun, method: str, request: BuildRequest, tuner: 
                                  sentences=splits.eval_sents, token_sets=run.sets,
                                  settings=run.settings, reference=reference.gens,
                                  reference_nll=reference.nll, identifiers=run.identifiers,
-                                 nll_offset=reference.nll_offset)
+                                 nll_offset=reference.nll_offset, relevance=splits.relevance)
     strengths = {} if strengths_of(method) == "none" else {"lam": art.lam, "beta": art.beta}
     result = {"metrics": metrics, "strengths": strengths,
               "tuning": [p.to_dict() for p in points], "tuning_met_budget": ok,
@@ -441,7 +502,7 @@ def _without_defaults(key: dict) -> dict:
 
 
 def native_reference(model, tokenizer, cfg: SteerAppConfig, prompts, sentences, sets,
-                     settings: EvalSettings, identifiers) -> dict | None:
+                     settings: EvalSettings, identifiers, relevance=None) -> dict | None:
     """The "native" row (steering.evaluate.native): the unsteered model asked the evaluation prompts
     in the target language, scored like every method; None (with a warning) when the target
     has no template or no translated prompts."""
@@ -459,7 +520,7 @@ def native_reference(model, tokenizer, cfg: SteerAppConfig, prompts, sentences, 
     metrics, _ = evaluate_method(model, tokenizer, None, target=cfg.target, english=cfg.english,
                                  prompts=texts, sentences=sentences, token_sets=sets,
                                  settings=dataclasses.replace(settings, template=template),
-                                 identifiers=identifiers)
+                                 identifiers=identifiers, relevance=relevance)
     log.info("native (the unsteered model asked in %s, %d prompts): DEFAULT %.2f, looping %.2f",
              cfg.target, len(texts), metrics["default"]["mean"], metrics["looping"]["mean"])
     return {"metrics": metrics, "strengths": {}, "tuning": [], "template": template,

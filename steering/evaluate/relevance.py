@@ -19,7 +19,7 @@ row keeps about 95% of its passes by construction and every method is held to th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -64,6 +64,23 @@ def relevance_pmi(model, tokenizer, questions: Sequence[str], answers: Sequence[
                                         template, batch_size)
                        for k in range(1, k_max + 1)])
     return others.mean(0) - own
+
+
+@dataclass
+class RelevanceCheck:
+    """The guard as the harness applies it: τ, the template the questions are asked in, and
+    each English prompt's question in that language (a prompt without one is asked as is)."""
+
+    tau: float
+    template: str
+    settings: RelevanceSettings = field(default_factory=RelevanceSettings)
+    questions: dict[str, str] = field(default_factory=dict)
+
+    def pmi(self, model, tokenizer, prompts: Sequence[str], answers: Sequence[Sequence[int]],
+            batch_size: int = 16) -> np.ndarray:
+        asked = [self.questions.get(p, p) for p in prompts]
+        return relevance_pmi(model, tokenizer, asked, answers, self.template, self.settings,
+                             batch_size)
 
 
 def calibrate_threshold(native_pmi: Sequence[float], quantile: float) -> float:

@@ -10,8 +10,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # (key in the method's metrics, column title, format)
-COLUMNS = (("default", "DEFAULT", "{:.2f}"), ("lid_full", "LID full", "{:.2f}"),
-           ("lid_first_line", "LID 1st line", "{:.2f}"), ("delta_m", "ΔM", "{:+.3f}"),
+COLUMNS = (("default", "DEFAULT", "{:.2f}"), ("relevance", "relevant", "{:.2f}"),
+           ("lid_full", "LID full", "{:.2f}"), ("lid_first_line", "LID 1st line", "{:.2f}"), ("delta_m", "ΔM", "{:+.3f}"),
            ("kl_gen", "KL gen", "{:.3f}"), ("kl_all", "KL all", "{:.3f}"),
            ("nll_change_gen", "ΔNLL gen", "{:+.3f}"), ("nll_change_all", "ΔNLL all", "{:+.3f}"),
            ("leak", "leak", "{:.2f}"), ("looping", "looping", "{:.2f}"),
@@ -131,7 +131,7 @@ def _failure_table(report: dict) -> list[str]:
             if m["metrics"].get("default_failures")}
     if not rows:
         return []
-    reasons = list(next(iter(rows.values())))
+    reasons = list(dict.fromkeys(r for f in rows.values() for r in f))
     out = ["", "## Where DEFAULT fails", "",
            "Fraction of the evaluation prompts failing each condition (not exclusive): "
            "`delta_m` ΔM ≤ 0, `language` first 16 tokens not identified as the target, then "
@@ -139,7 +139,7 @@ def _failure_table(report: dict) -> list[str]:
            "| method | DEFAULT | " + " | ".join(reasons) + " |", "|---|---|" + "---|" * len(reasons)]
     for name, f in rows.items():
         d = report["methods"][name]["metrics"]["default"]["mean"]
-        out.append(f"| {name} | {d:.2f} | " + " | ".join(f"{f[r]:.2f}" for r in reasons) + " |")
+        out.append(f"| {name} | {d:.2f} | " + " | ".join(f"{f.get(r, float('nan')):.2f}" for r in reasons) + " |")
     return out
 
 

@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 
 def teacher_answers(model, tokenizer, prompts: Sequence[Prompt], *, target: str, english: str,
                     native_template: str, token_sets, settings, identifiers,
-                    cache_file: Optional[Path] = None, model_key: str = ""
+                    cache_file: Optional[Path] = None, model_key: str = "", judge: bool = True
                     ) -> tuple[list[TeacherExample], dict]:
     """(examples, summary) for ``prompts`` (see the module docstring). ``settings`` is the
-    harness's EvalSettings (decoding, length); its template is replaced by the native one."""
+    harness's EvalSettings (decoding, length); its template is replaced by the native one.
+    ``judge=False`` keeps every non-empty native answer (for models too small to pass the
+    judge, e.g. the tiny test models)."""
     import dataclasses
 
     from steering.evaluate.harness import generate
@@ -41,7 +43,8 @@ def teacher_answers(model, tokenizer, prompts: Sequence[Prompt], *, target: str,
         {"model": model_key, "target": target, "template": native_template,
          "ids": [p.id for p in kept], "texts": [translations[p.id] for p in kept],
          "max_new_tokens": settings.max_new_tokens, "steps": settings.steps,
-         "repetition_penalty": settings.repetition_penalty}, sort_keys=True).encode()
+         "repetition_penalty": settings.repetition_penalty, "judge": judge,
+         "no_repeat_ngram_size": settings.no_repeat_ngram_size}, sort_keys=True).encode()
     ).hexdigest()[:16]
     if cache_file is not None and cache_file.is_file():
         stored = json.loads(cache_file.read_text())
@@ -57,7 +60,8 @@ def teacher_answers(model, tokenizer, prompts: Sequence[Prompt], *, target: str,
     for p, new_ids, head, full, dm in zip(kept, gens.new_ids, gens.heads, gens.fulls,
                                           gens.delta_m):
         verdict = judge_continuation(head, full, target, identifiers, settings.guards)
-        ok = dm > 0 and verdict.is_target_head and verdict.fluent and len(new_ids) > 0
+        ok = len(new_ids) > 0 and (not judge or (dm > 0 and verdict.is_target_head
+                                                  and verdict.fluent))
         if not ok:
             reason = "delta_m" if dm <= 0 else (verdict.failed_guards or ["language"])[0]
             rejected[reason] = rejected.get(reason, 0) + 1

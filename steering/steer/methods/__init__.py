@@ -14,7 +14,8 @@ build function and ``MethodSpec``, and add it to ``REGISTRY`` below. ``foxp2-ste
 
 Families: :mod:`.foxp2` (foxp2, foxp2_neurons, foxp2_replace, foxp2_pos, foxp2_neg),
 :mod:`.caa` (caa_layer, caa_window), :mod:`.lape` (lape), :mod:`.controls` (none,
-prompting, random).
+prompting, random), :mod:`.learned` (foxp2_learned, foxp2_learned_random, foxp2_learned_dense,
+lineas).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from steering.steer.artifact import SteeringArtifact
 from steering.steer.build import BuildError, Localisation, ResidualMeans
-from steering.steer.methods import caa, controls, foxp2, lape
+from steering.steer.methods import caa, controls, foxp2, lape, learned
 from steering.steer.methods.spec import (NO_TUNING, BuildRequest, MethodSpec, Placement, Tuned,
                                          Tuner, Tuning)
 
@@ -42,6 +43,10 @@ REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in (
     caa.CAA_WINDOW,
     lape.LAPE,
     controls.RANDOM,
+    learned.FOXP2_LEARNED,
+    learned.FOXP2_LEARNED_RANDOM,
+    learned.FOXP2_LEARNED_DENSE,
+    learned.LINEAS,
 )}
 
 METHODS = tuple(REGISTRY)

@@ -69,6 +69,10 @@ class BuildRequest:
     tokenizer: Any = None
     # The steer app's config (steering.evaluate.config.SteerAppConfig) or None.
     config: Any = None
+    # Learned methods: a function returning the teacher answers (a list of
+    # steering.steer.learned.TeacherExample), made by the evaluate stage, which owns the judge
+    # that accepts them; called on first use and cached there.
+    teacher: Optional[Callable[[], list]] = None
 
     @property
     def split(self) -> int:
