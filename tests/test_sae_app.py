@@ -146,9 +146,14 @@ def test_missing_cache_and_corrupt_activations(tiny_cache, tmp_path, monkeypatch
     rows = np.load(shard, mmap_mode="r+")
     rows[:50] = np.array(0x7FC0, dtype=np.int16)  # bf16 NaN bits
     rows.flush()
-    with pytest.raises(ValueError, match="non-finite activations at 'layers.1.resid'"):
+    # The shard's checksum no longer matches: caught before any row is read ...
+    with pytest.raises(CacheError, match=f"{SITE}/00000.npy is corrupt"):
         run_app(monkeypatch, [*_base(broken, tmp_path / "b"), "logger=csv",
                               "loader.stats_tokens=100000"])
+    # ... and with the check switched off, the non-finite guard still stops it.
+    with pytest.raises(ValueError, match="non-finite activations at 'layers.1.resid'"):
+        run_app(monkeypatch, [*_base(broken, tmp_path / "c"), "logger=csv",
+                              "loader.stats_tokens=100000", "loader.verify=false"])
 
 
 def test_splicing_mechanics_on_the_real_model(load_tiny):
