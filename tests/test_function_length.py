@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 80
-PACKAGES = ["steering"]
+PACKAGES = ["steering", "sae_train"]
 
 
 def long_functions(package: Path, max_lines: int = MAX_LINES) -> list[str]:

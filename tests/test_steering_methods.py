@@ -20,15 +20,20 @@ from steering.steer.methods.spec import STRENGTHS
 
 def test_every_method_is_registered_once_with_its_tuning():
     assert METHODS == ("none", "prompting", "foxp2", "foxp2_neurons", "foxp2_replace",
-                       "foxp2_pos", "foxp2_neg", "caa_layer", "caa_window", "lape", "random")
+                       "foxp2_pos", "foxp2_neg", "caa_layer", "caa_window", "lape", "random",
+                       "foxp2_learned", "foxp2_learned_random", "foxp2_learned_dense", "lineas")
     for name, spec in REGISTRY.items():
         assert spec.name == name and callable(spec.build) and spec.summary
         assert spec.tuning.strengths in STRENGTHS
     assert TUNED == {"none": "none", "prompting": "none", "foxp2": "both",
                      "foxp2_neurons": "both", "foxp2_replace": "both", "foxp2_pos": "lam",
                      "foxp2_neg": "beta", "caa_layer": "lam", "caa_window": "lam",
-                     "lape": "both", "random": "both"}
+                     "lape": "both", "random": "both", "foxp2_learned": "lam",
+                     "foxp2_learned_random": "lam", "foxp2_learned_dense": "lam", "lineas": "lam"}
     assert REGISTRY["caa_layer"].tuning.search is not None  # its layer scan
+    # learned steers train, then search γ (their λ) on the tuning split
+    assert all(REGISTRY[m].tuning.search is not None for m in METHODS if "learn" in m
+               or m == "lineas")
     with pytest.raises(ValueError, match="strengths"):
         Tuning("gamma")
 
