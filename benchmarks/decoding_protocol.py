@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--targets", default="es,hi")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--candidates", default=",".join(CANDIDATES),
+                    help="comma-separated names from CANDIDATES")
     args = ap.parse_args()
     model, tok, _ = load_model(ModelConfig(name="demo:gemma3-270m", slug="gemma3-270m",
                                            dtype="auto"))
@@ -48,7 +50,8 @@ def main() -> None:
                                            / "token_sets.json")
         ids = identifiers_for(target, "en")
         texts, _ = native_prompts(rows, target)
-        for name, kw in CANDIDATES.items():
+        for name in args.candidates.split(","):
+            kw = CANDIDATES[name]
             settings = EvalSettings(max_new_tokens=args.max_new_tokens,
                                     template=native_template(target), **kw)
             gens = generate(model, tok, texts, None, sets, target, "en", settings)
@@ -63,7 +66,7 @@ def main() -> None:
                   flush=True)
     print("\n| decoding | " + " | ".join(args.targets.split(",")) + " | min |")
     print("|---|" + "---|" * (len(args.targets.split(",")) + 1))
-    for name in CANDIDATES:
+    for name in args.candidates.split(","):
         vals = [table[(t, name)]["default"] for t in args.targets.split(",")]
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {min(vals):.3f} |")
     if args.out:
