@@ -43,6 +43,9 @@ class GenerateAppConfig:
     # Greedy decoding's repetition penalty (1: plain greedy; 1.2–1.3 curbs a small base
     # model's loops, for the steered and the unsteered run alike).
     repetition_penalty: float = 1.0
+    # ... and never repeating an n-gram of this size (0: off; the demo's headline decoding
+    # is no_repeat_ngram_size=3, docs/results.md).
+    no_repeat_ngram_size: int = 0
     batch_size: int = 8
     out_file: Optional[str] = None
 
@@ -83,6 +86,7 @@ def run_generate(cfg) -> list[dict]:
                 gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                                      max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                      repetition_penalty=cfg.repetition_penalty,
+                                     no_repeat_ngram_size=cfg.no_repeat_ngram_size,
                                      pad_token_id=pad)
             outs += tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
         return outs
