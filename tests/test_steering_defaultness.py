@@ -127,33 +127,10 @@ def test_bad_inputs_are_refused(load_tiny):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_repetition_penalty_decodes_as_generate_does(load_tiny, arch):
-    from steering.language.defaultness import greedy_language_masses, left_pad
-
-    model, tokenizer, _ = load_tiny(arch)
-    sets = hand_sets(len(tokenizer))
-    set_ids = [sets.id_tensor("es", "cpu"), sets.id_tensor("en", "cpu")]
-    pad = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-    ids, attn = left_pad([tokenizer(DEFAULT_TEMPLATE.format(prompt=p))["input_ids"]
-                          for p in PROMPTS], pad)
-    steps = 12
-    with torch.no_grad():
-        plain_masses, plain = greedy_language_masses(model, ids, attn, set_ids, steps)
-        masses, tokens = greedy_language_masses(model, ids, attn, set_ids, steps,
-                                                repetition_penalty=1.5)
-        reference = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=steps,
-                                   min_new_tokens=steps, do_sample=False,
-                                   repetition_penalty=1.5, pad_token_id=pad)[:, ids.shape[1]:]
-    assert torch.equal(tokens, reference)
-    assert not torch.equal(tokens, plain)  # the penalty changed the decode here
-    # the masses are the model's own distribution: the same until the paths part
-    assert torch.allclose(masses[..., 0], plain_masses[..., 0])
-    with pytest.raises(ValueError, match="repetition_penalty"):
-        greedy_language_masses(model, ids, attn, set_ids, steps, repetition_penalty=0)
-
-
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_no_repeat_ngram_decodes_as_generate_does(load_tiny, arch):
+@pytest.mark.parametrize("decoding", [{"repetition_penalty": 1.5},
+                                      {"no_repeat_ngram_size": 2},
+                                      {"repetition_penalty": 1.2, "no_repeat_ngram_size": 3}])
+def test_decoding_options_decode_as_generate_does(load_tiny, arch, decoding):
     from steering.language.defaultness import greedy_language_masses, left_pad
 
     model, tokenizer, _ = load_tiny(arch)
@@ -164,13 +141,24 @@ def test_no_repeat_ngram_decodes_as_generate_does(load_tiny, arch):
                           for p in PROMPTS], pad)
     steps = 16
     with torch.no_grad():
-        _, plain = greedy_language_masses(model, ids, attn, set_ids, steps)
-        _, tokens = greedy_language_masses(model, ids, attn, set_ids, steps,
-                                           no_repeat_ngram_size=2)
+        plain_masses, plain = greedy_language_masses(model, ids, attn, set_ids, steps)
+        masses, tokens = greedy_language_masses(model, ids, attn, set_ids, steps, **decoding)
         reference = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=steps,
-                                   min_new_tokens=steps, do_sample=False,
-                                   no_repeat_ngram_size=2, pad_token_id=pad)[:, ids.shape[1]:]
+                                   min_new_tokens=steps, do_sample=False, pad_token_id=pad,
+                                   **decoding)[:, ids.shape[1]:]
     assert torch.equal(tokens, reference)
-    assert not torch.equal(tokens, plain)
+    assert not torch.equal(tokens, plain)  # the option changed the decode here
+    # the masses are the model's own distribution: the same until the paths part
+    assert torch.allclose(masses[..., 0], plain_masses[..., 0])
+
+
+def test_bad_decoding_options(load_tiny):
+    from steering.language.defaultness import greedy_language_masses, left_pad
+
+    model, tokenizer, _ = load_tiny("llama")
+    ids, attn = left_pad([tokenizer("Hi")["input_ids"]], 0)
+    set_ids = [torch.tensor([1]), torch.tensor([2])]
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        greedy_language_masses(model, ids, attn, set_ids, 2, repetition_penalty=0)
     with pytest.raises(ValueError, match="no_repeat_ngram_size"):
-        greedy_language_masses(model, ids, attn, set_ids, steps, no_repeat_ngram_size=-1)
+        greedy_language_masses(model, ids, attn, set_ids, 2, no_repeat_ngram_size=-1)
