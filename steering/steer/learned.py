@@ -321,6 +321,43 @@ class LearnResult:
     config: dict
 
 
+@contextmanager
+def frozen(model) -> Iterator[None]:
+    """``model`` in eval mode with every weight frozen; its flags and mode restored on exit."""
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def proximal_step(opt: torch.optim.Adam, steer: NeuronShift, loss: Tensor,
+                  l1_weight: float) -> None:
+    """One Adam step on ``loss``, then the L1 term's proximal step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if l1_weight > 0:
+        steer.soft_threshold(opt, l1_weight)
+
+
+def finish(steer: NeuronShift, history: list[dict], started: float, config: dict, *,
+           kind: str, provenance: Optional[dict], **placement) -> LearnResult:
+    """The trained ``steer`` as an artifact with its provenance, and the run's record."""
+    last = {k: v for k, v in history[-1].items() if k not in ("step", "nonzero")}
+    artifact = to_artifact(steer, **placement, provenance={
+        **(provenance or {}), kind: config, "support_size": steer.support.size,
+        "nonzero": steer.n_nonzero(), **{f"final_{k}": v for k, v in last.items()}})
+    return LearnResult(artifact, history, steer.n_nonzero(), steer.support.size,
+                       time.perf_counter() - started, config)
+
+
 def learn_steer(model, support: Support, teacher: Sequence[TeacherExample],
                 held_out: HeldOutKL, cfg: LearnConfig, *, target: str, english: str,
                 method: str, position: str = "prompt_end", decode_steps: int = 4,
@@ -338,52 +375,30 @@ def learn_steer(model, support: Support, teacher: Sequence[TeacherExample],
         raise LearnedSteerError("the support is empty: no neuron to learn a shift for")
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.seed)
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     device = next(model.parameters()).device
     steer = NeuronShift(support, cfg.init).to(device)
     opt = torch.optim.Adam(steer.parameters(), lr=cfg.lr)
     history: list[dict] = []
-    was_training = model.training
-    model.eval()
-    try:
+    with frozen(model):
         bar = tqdm(range(cfg.steps), desc=f"learn {method} ({target})", disable=not cfg.progress)
         for step in bar:
             pick = torch.randint(len(teacher), (min(cfg.batch_size, len(teacher)),),
                                  generator=generator).tolist()
             nll = answer_nll(model, steer, [teacher[i] for i in pick], cfg, position,
                              decode_steps, sustain, pad_id)
-            loss = nll
             kl = torch.zeros((), device=device)
             if cfg.kl_weight > 0:
                 rows = torch.randint(len(held_out), (min(cfg.batch_size, len(held_out)),),
                                      generator=generator).tolist()
                 kl = held_out(steer, rows, position, decode_steps, sustain)
-                loss = loss + cfg.kl_weight * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if cfg.l1_weight > 0:
-                steer.soft_threshold(opt, cfg.l1_weight)
-            record = {"step": step, "nll": float(nll.detach()), "kl": float(kl.detach()),
-                      "nonzero": steer.n_nonzero()}
-            history.append(record)
-            bar.set_postfix(nll=f"{record['nll']:.3f}", kl=f"{record['kl']:.3f}",
-                            nz=record["nonzero"])
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
-    artifact = to_artifact(steer, target=target, english=english, method=method,
-                           position=position, decode_steps=decode_steps, sustain=sustain,
-                           provenance={**(provenance or {}), "learn": asdict(cfg),
-                                       "support_size": support.size,
-                                       "nonzero": steer.n_nonzero(),
-                                       "final_nll": history[-1]["nll"],
-                                       "final_kl": history[-1]["kl"]})
-    return LearnResult(artifact, history, steer.n_nonzero(), support.size,
-                       time.perf_counter() - started, asdict(cfg))
+            proximal_step(opt, steer, nll + cfg.kl_weight * kl, cfg.l1_weight)
+            history.append({"step": step, "nll": float(nll.detach()), "kl": float(kl.detach()),
+                            "nonzero": steer.n_nonzero()})
+            bar.set_postfix(nll=f"{history[-1]['nll']:.3f}", kl=f"{history[-1]['kl']:.3f}",
+                            nz=history[-1]["nonzero"])
+    return finish(steer, history, started, asdict(cfg), kind="learn", provenance=provenance,
+                  target=target, english=english, method=method, position=position,
+                  decode_steps=decode_steps, sustain=sustain)
 
 
 def to_artifact(steer: NeuronShift, *, target: str, english: str, method: str, position: str,

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from sae_train.models.sites import site_module
 from steering.steer.learned import (LearnedSteerError, LearnResult, NeuronShift, Support,
-                              right_pad, to_artifact)
+                              finish, frozen, proximal_step, right_pad)
 
 
 @dataclass
@@ -70,15 +70,13 @@ def _capture(model, support: Support, steer: Optional[NeuronShift], ids: Tensor,
             out[layer] = x[keep].float()
             return (x, *args[1:]) if steer is not None else None
         handles.append(module.register_forward_pre_hook(pre_hook))
-    deepest = max(support.layers)
     try:
         body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        # run the decoder only: the LM head is not needed (the last layer's hook has fired)
+        # the decoder only: the LM head is not needed
         body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    del deepest
     return out
 
 
@@ -107,22 +105,11 @@ def learn_lineas(model, support: Support, english: Sequence[Sequence[int]],
     started = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
     device = next(model.parameters()).device
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    was_training = model.training
-    model.eval()
-    history: list[dict] = []
-    try:
-        with torch.no_grad():
-            goal = {l: [] for l in support.layers}
-            for start in range(0, len(target), 16):
-                ids, mask = right_pad(target[start:start + 16], pad_id)
-                for l, acts in _capture(model, support, None, ids, mask).items():
-                    goal[l].append(acts[:, support.index[l].to(device)])
-            goal = {l: torch.cat(v)[:cfg.max_target_tokens] for l, v in goal.items()}
+    with frozen(model):
+        goal = _target_activations(model, support, target, cfg, pad_id)
         steer = NeuronShift(support, "zero", affine=True).to(device)
         opt = torch.optim.Adam(steer.parameters_by_group(), lr=cfg.lr)
+        history: list[dict] = []
         bar = tqdm(range(cfg.steps), desc=f"LinEAS ({target_lang})", disable=not cfg.progress)
         for step in bar:
             pick = torch.randint(len(english), (min(cfg.batch_size, len(english)),),
@@ -132,28 +119,27 @@ def learn_lineas(model, support: Support, english: Sequence[Sequence[int]],
             loss = torch.zeros((), device=device)
             for l in support.layers:
                 sigma = support.scale[l].to(device)
-                width = sigma.numel()
-                proj = torch.randn(width, cfg.n_projections, generator=gen).to(device)
+                proj = torch.randn(sigma.numel(), cfg.n_projections, generator=gen).to(device)
                 proj = proj / proj.norm(dim=0, keepdim=True)
                 mine = acts[l][:, support.index[l].to(device)] / sigma
                 loss = loss + sliced_wasserstein(mine, goal[l] / sigma, proj)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if cfg.l1_weight > 0:
-                steer.soft_threshold(opt, cfg.l1_weight)
+            proximal_step(opt, steer, loss, cfg.l1_weight)
             history.append({"step": step, "sw": float(loss.detach()),
                             "nonzero": steer.n_nonzero()})
             bar.set_postfix(sw=f"{history[-1]['sw']:.4f}", nz=history[-1]["nonzero"])
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
-    artifact = to_artifact(steer, target=target_lang, english=english_lang, method=method,
-                           position=position, decode_steps=decode_steps, sustain=sustain,
-                           provenance={**(provenance or {}), "lineas": asdict(cfg),
-                                       "support_size": support.size,
-                                       "nonzero": steer.n_nonzero(),
-                                       "final_sw": history[-1]["sw"]})
-    return LearnResult(artifact, history, steer.n_nonzero(), support.size,
-                       time.perf_counter() - started, asdict(cfg))
+    return finish(steer, history, started, asdict(cfg), kind="lineas", provenance=provenance,
+                  target=target_lang, english=english_lang, method=method, position=position,
+                  decode_steps=decode_steps, sustain=sustain)
+
+
+@torch.no_grad()
+def _target_activations(model, support: Support, target: Sequence[Sequence[int]],
+                        cfg: LineasConfig, pad_id: int) -> dict[int, Tensor]:
+    """Per layer, the unsteered support activations of the target-language tokens."""
+    device = next(model.parameters()).device
+    goal: dict[int, list] = {l: [] for l in support.layers}
+    for start in range(0, len(target), 16):
+        ids, mask = right_pad(target[start:start + 16], pad_id)
+        for l, acts in _capture(model, support, None, ids, mask).items():
+            goal[l].append(acts[:, support.index[l].to(device)])
+    return {l: torch.cat(v)[:cfg.max_target_tokens] for l, v in goal.items()}
