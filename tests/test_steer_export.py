@@ -22,6 +22,8 @@ from steering.steer.runtime import steer
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS = ["Hi.", "Describe a quiet morning in a small town by the sea.", "Why do we sleep?"]
+CALIBRATION = ["The river runs past the old mill.", "What do cats eat?",
+               "Write a short note to a friend about the weekend."]
 NEURONS = torch.tensor([3, 9, 17, 40, 41, 100])
 
 
@@ -156,6 +158,15 @@ def test_control_vector_on_gemma3_flags_the_post_norm_approximation(load_tiny, t
         got = _logits(model, ids, mask)
     gap = float((got - expected).abs().max())
     assert gap > 1e-3, gap  # the measured gap is real: the flag is not a formality
+
+    # calibrated on other text, the mean post-norm effect narrows the gap (still flagged)
+    other = left_pad([tokenizer(t)["input_ids"] for t in CALIBRATION], tokenizer.pad_token_id)
+    calibrated = control_vector_plan(art, model, calibration=other)
+    assert not calibrated.exact and calibrated.calibrated_tokens == int(other[1].sum())
+    with _added_at_layer_outputs(model, calibrated.vectors):
+        gap_calibrated = float((_logits(model, ids, mask) - expected).abs().max())
+    print(f"gemma3 control-vector gap: {gap:.4f}, calibrated {gap_calibrated:.4f}")
+    assert gap_calibrated < gap
 
     # a resid-only steer is exact there too
     resid_only = art.with_strengths(edits=[art.edits[0]])

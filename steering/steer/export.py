@@ -22,6 +22,9 @@ not a constant residual shift: the exported W_down·shift is then an approximati
 direction after the norm depend on each token's MLP output). Such layers are flagged:
 :class:`ControlVectorPlan` ``exact=False``, ``approximate_layers``, a warning, and the record
 ``<name>.foxp2.json`` written next to the GGUF file. Residual-space pushes stay exact there.
+Given ``calibration`` (a tokenised batch), those layers get instead the *mean* residual effect
+of their neuron pushes over its real tokens, N(o) − N(o − W_down·shift) with N the post-MLP
+norm and o the MLP output under the steer: closer on text like the batch, still flagged.
 
 :func:`export_hf_folder` writes the steered model as a Hugging Face folder that
 ``AutoModelForCausalLM.from_pretrained`` loads without this project: the per-layer shift becomes
@@ -46,8 +49,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from sae_train.export.control_vector import write_control_vector
-from sae_train.models.sites import architecture_layout, decoder_layers, text_config
+from sae_train.models.sites import architecture_layout, decoder_layers, first_tensor, text_config
 from steering.steer.artifact import ArtifactError, LayerEdit, SteeringArtifact
+from steering.steer.runtime import steer
 
 RECORD_SUFFIX = ".foxp2.json"
 POST_MLP_NORM = "post_feedforward_layernorm"  # Gemma 2/3: the MLP output is normed first
@@ -65,9 +69,11 @@ class ControlVectorPlan:
     exact: bool  # True: adding the vectors at the layer outputs is the steer itself
     approximate_layers: tuple[int, ...] = ()  # layers whose neuron push passes a post-MLP norm
     notes: tuple[str, ...] = field(default_factory=tuple)
+    calibrated_tokens: int = 0  # tokens the approximate layers' mean effect was measured on
 
     def record(self) -> dict:
         return {"exact": self.exact, "approximate_layers": list(self.approximate_layers),
+                "calibrated_tokens": self.calibrated_tokens,
                 "layers": sorted(self.vectors), "notes": list(self.notes),
                 "norms": {str(k): float(v.norm()) for k, v in sorted(self.vectors.items())}}
 
@@ -151,11 +157,46 @@ def _has_post_mlp_norm(model: nn.Module, layer: int) -> bool:
     return getattr(decoder_layers(model)[layer], POST_MLP_NORM, None) is not None
 
 
+@torch.no_grad()
+def post_norm_mean_shifts(model: nn.Module, artifact: SteeringArtifact, gamma: Optional[float],
+                          neuron_shifts: dict[int, Tensor], calibration: tuple[Tensor, Tensor]
+                          ) -> dict[int, Tensor]:
+    """Per layer of ``neuron_shifts`` (layer → W_down·shift), the mean over the real tokens of
+    ``calibration`` = (input_ids, attention_mask) of N(o) − N(o − W_down·shift): what the neuron
+    push adds to the residual after the post-MLP norm N, o the MLP output under the steer."""
+    layers, mlp = decoder_layers(model), architecture_layout(model).mlp
+    outputs: dict[int, Tensor] = {}
+
+    def capture(i):
+        def hook(_module, _inputs, out):
+            outputs[i] = first_tensor(out).detach().float()
+        return hook
+
+    handles = [getattr(layers[i], mlp).register_forward_hook(capture(i)) for i in neuron_shifts]
+    ids, mask = calibration
+    device = next(model.parameters()).device
+    try:
+        with steer(model, artifact, gamma=gamma):
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    real = mask.to(device).bool()
+    out = {}
+    for i, shift in neuron_shifts.items():
+        norm, o = getattr(layers[i], POST_MLP_NORM), outputs[i]
+        effect = norm(o).float() - norm(o - shift.to(o.device)).float()
+        out[i] = effect[real].mean(0).cpu()
+    return out
+
+
 # ---------------------------------------------------------------------------- control vector
 def control_vector_plan(artifact: SteeringArtifact, model: nn.Module,
-                        gamma: Optional[float] = None) -> ControlVectorPlan:
+                        gamma: Optional[float] = None,
+                        calibration: Optional[tuple[Tensor, Tensor]] = None) -> ControlVectorPlan:
     """The per-layer residual vectors of ``artifact`` at strength ``gamma`` and their fidelity
-    (module docstring); raises :class:`ExportError` for what a control vector cannot hold."""
+    (module docstring; ``calibration``: an (input_ids, attention_mask) batch for the mean
+    post-norm effect); raises :class:`ExportError` for what a control vector cannot hold."""
     edits, lam = _constant_edits(artifact, gamma, "llama.cpp control vector")
     at_zero = sorted({e.layer for e in edits if e.layer == 0})
     if at_zero:
@@ -165,27 +206,38 @@ def control_vector_plan(artifact: SteeringArtifact, model: nn.Module,
             "layer 1 on, or use export_hf_folder / steering.steer for this artifact")
     approx = sorted({e.layer for e in edits
                      if e.space == "neurons" and _has_post_mlp_norm(model, e.layer)})
-    notes = []
+    vectors = residual_shifts(model, edits, lam)
+    notes, n_tokens = [], 0
     if approx:
         notes.append(
             f"layers {approx}: the MLP output passes {POST_MLP_NORM} (RMSNorm) before the "
             "residual add, so W_down·shift is not the residual shift a neuron push causes; "
             "the control vector approximates this steer there")
-    return ControlVectorPlan(vectors=residual_shifts(model, edits, lam), exact=not approx,
-                             approximate_layers=tuple(approx), notes=tuple(notes))
+    if approx and calibration is not None:
+        neuron = residual_shifts(model, [e for e in edits if e.layer in approx
+                                         and e.space == "neurons"], lam)
+        mean = post_norm_mean_shifts(model, artifact, gamma, neuron, calibration)
+        for i in approx:
+            vectors[i] = vectors[i] - neuron[i] + mean[i]
+        n_tokens = int(calibration[1].sum())
+        notes.append(f"those layers hold the mean post-norm effect over {n_tokens} tokens")
+    return ControlVectorPlan(vectors=vectors, exact=not approx, approximate_layers=tuple(approx),
+                             notes=tuple(notes), calibrated_tokens=n_tokens)
 
 
 def export_control_vector(artifact: SteeringArtifact, path: str | Path, model: nn.Module,
-                          gamma: Optional[float] = None) -> Path:
+                          gamma: Optional[float] = None,
+                          calibration: Optional[tuple[Tensor, Tensor]] = None) -> Path:
     """Write ``artifact`` (at strength ``gamma``, default its own) as a llama.cpp control-vector
     GGUF file at ``path`` (run with ``llama-cli --control-vector path``); returns the path.
 
     Also writes ``<path stem>.foxp2.json``: the plan's record (exact or not, approximate layers,
     notes, per-layer norms). Warns when the vectors only approximate the steer (Gemma 2/3 neuron
-    pushes, module docstring). Raises :class:`ExportError` for prompt-end steers, activation-
-    dependent edits (English term, gate, gain, replace) and edits at layer 0.
+    pushes, module docstring; ``calibration`` = (input_ids, attention_mask) narrows the gap there).
+    Raises :class:`ExportError` for prompt-end steers, activation-dependent edits (English
+    term, gate, gain, replace) and edits at layer 0.
     """
-    plan = control_vector_plan(artifact, model, gamma)
+    plan = control_vector_plan(artifact, model, gamma, calibration)
     model_type = getattr(text_config(model), "model_type", None) or model.config.model_type
     path = write_control_vector(path, plan.vectors, model_hint=str(model_type))
     record = {"method": artifact.method, "target": artifact.target,
