@@ -224,3 +224,24 @@ def test_layer_zero_and_gemma3_folders_are_refused(load_tiny, tmp_path):
     with pytest.raises(ExportError, match="post_feedforward_layernorm"):
         export_hf_folder(_constant_artifact(gemma), gemma, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_already_has_mlp_biases_keeps_them(load_tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, tokenizer, _ = load_tiny("llama")
+    config = base.config.__class__.from_dict({**base.config.to_dict(), "mlp_bias": True})
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for layer in decoder_layers(model):
+        torch.nn.init.normal_(layer.mlp.down_proj.bias, std=0.5)
+    own = [layer.mlp.down_proj.bias.detach().clone() for layer in decoder_layers(model)]
+    art = _constant_artifact(model)
+    ids, mask = _batch(tokenizer)
+    with steer(model, art):
+        expected = _logits(model, ids, mask)
+    folder = export_hf_folder(art, model, tmp_path / "steered")
+    assert all(torch.equal(layer.mlp.down_proj.bias, b)
+               for layer, b in zip(decoder_layers(model), own))
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(reloaded, ids, mask), expected, atol=1e-4, rtol=0)

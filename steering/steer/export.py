@@ -270,25 +270,31 @@ def _require_mlp_bias_support(model: nn.Module) -> None:
 
 @contextmanager
 def _mlp_biases(model: nn.Module, down_bias: dict[int, Tensor]):
-    """Temporarily give every MLP projection a bias (zeros; ``down_bias`` on down_proj) and set
-    ``mlp_bias=True``; the model is restored on exit."""
+    """Temporarily give every MLP projection a bias (zeros where it had none), add ``down_bias``
+    to down_proj's, and set ``mlp_bias=True``; the model is restored on exit."""
     config, layout = text_config(model), architecture_layout(model)
     before = config.mlp_bias
-    added = []
+    added, shifted = [], []
     try:
         for i, layer in enumerate(decoder_layers(model)):
             for proj in getattr(layer, layout.mlp).children():
                 if isinstance(proj, nn.Linear) and proj.bias is None:
                     w = proj.weight
-                    bias = torch.zeros(proj.out_features, dtype=w.dtype, device=w.device)
-                    if proj is _down_proj(model, i) and i in down_bias:
-                        bias = down_bias[i].to(device=w.device, dtype=w.dtype)
-                    proj.bias = nn.Parameter(bias, requires_grad=False)
+                    proj.bias = nn.Parameter(torch.zeros(proj.out_features, dtype=w.dtype,
+                                                         device=w.device), requires_grad=False)
                     added.append(proj)
+            down = _down_proj(model, i)
+            if i in down_bias:
+                shifted.append((down, down.bias.detach().clone()))
+                with torch.no_grad():
+                    down.bias += down_bias[i].to(device=down.bias.device, dtype=down.bias.dtype)
         config.mlp_bias = True
         yield model
     finally:
         config.mlp_bias = before
+        with torch.no_grad():
+            for down, bias in shifted:
+                down.bias.copy_(bias)
         for proj in added:
             proj.bias = None
 
