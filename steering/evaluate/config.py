@@ -25,10 +25,13 @@ class SteerTuningConfig:
     # nats/token, KL(steered ‖ base) averaged over the tokens of held-out target sentences
     # with the steer placed as in generation.
     kl_budget: float = 0.5
+    # λ grid of every method's tuning (the push's strength).
     lams: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    # β grid (the English term's strength).
     betas: list[float] = field(default_factory=lambda: [0.0, 1.0])
     # Tuning-split subsets (null: all of the split).
     n_prompts: Optional[int] = 16
+    # Tuning target sentences for the KL budget (null: all of the split).
     n_sentences: Optional[int] = 16
     # The window is tuned too (DESIGN: the tuning split chooses λ, β and the window): the
     # primary method is tuned at the localised window and at every contiguous window of
@@ -36,6 +39,7 @@ class SteerTuningConfig:
     # (max ΔM within the budget) is the window of every windowed method. Null: keep the
     # localised window.
     window_width: Optional[int] = 3
+    # Start layers of the window scan's candidates: 0, stride, 2·stride, …
     window_stride: int = 3
     # λ grid of that window scan, at β = 0 (null: the full lams × betas grid). Each candidate
     # window costs one tuning point per λ, so a short grid keeps the scan cheap; the chosen
@@ -81,6 +85,7 @@ class SteerEvalConfig:
     steps: int = 3  # T of ΔM
     batch_size: int = 16  # rows per full-vocabulary forward (held-out text, continuation NLL)
     gen_batch_size: int = 64  # rows per greedy decode (cheap in memory; big batches amortise)
+    # Bootstrap resamples of every confidence interval.
     n_boot: int = 2000
     # The NLL fluency guard compares a steered continuation's NLL under the unsteered model
     # with the unsteered (English) continuation's. True (a stated departure from a plain
@@ -109,6 +114,7 @@ class SteerEvalConfig:
     # others, by at least τ nats/token; τ is the `relevance_quantile` of the native answers'
     # PMI on the tuning split (so the native row keeps ~95% of its passes). False: no guard.
     relevance: bool = True
+    # τ = this quantile of the native tuning answers' PMI.
     relevance_quantile: float = 0.05
     relevance_others: int = 4  # other questions each answer is compared against
 
@@ -141,9 +147,11 @@ class SteerLearnConfig:
     lr: float = 0.05  # on θ, in units of each neuron's activation std
     batch_size: int = 8  # teacher answers (and held-out sentences) per step
     first_tokens: int = 3  # the first answer tokens, weighted by first_weight
+    # Weight of those first answer tokens in the NLL.
     first_weight: float = 4.0
     kl_weight: float = 1.0  # κ: KL(steered ‖ base) on discovery target sentences
     l1_weight: float = 0.002  # ρ: L1 on θ, a proximal step in Adam's metric
+    # Teacher answer tokens scored per example.
     max_answer_tokens: int = 24
     init: str = "zero"  # "zero" or "contrast" (the FOXP2 push, in std units)
     # Keep only native answers the harness's judge accepts (False: every non-empty one; for
@@ -156,8 +164,11 @@ class SteerLearnConfig:
     gammas: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5])
     # LinEAS: Adam steps, learning rate, L1 weight, random projections of the SW loss.
     lineas_steps: int = 150
+    # LinEAS: Adam learning rate.
     lineas_lr: float = 0.01
+    # LinEAS: L1 weight on the maps (proximal step).
     lineas_l1_weight: float = 0.002
+    # LinEAS: random projections of the sliced Wasserstein loss.
     lineas_projections: int = 256
 
     def __post_init__(self):
@@ -175,10 +186,14 @@ class SteerLearnConfig:
 class FrontierConfig:
     """γ sweep for the KL–DEFAULT frontier and DEFAULT-vs-γ plots (a subset of the split)."""
 
+    # Methods whose γ sweep is measured (a subset of the app's methods).
     methods: list[str] = field(default_factory=lambda: ["foxp2", "foxp2_neurons", "caa_layer",
                                                         "caa_window", "lape"])
+    # γ values of the sweep.
     gammas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    # Evaluation prompts of the sweep.
     n_prompts: int = 24
+    # Held-out target sentences of the sweep.
     n_sentences: int = 24
 
 
@@ -209,7 +224,9 @@ class SteerAppConfig:
     # Positions: "prompt_end" (the prompt's last token + decode_steps generated tokens at full
     # strength, every later generated token at the fraction `sustain`) or "all".
     position: str = "prompt_end"
+    # Generated tokens steered at full strength after the prompt end.
     decode_steps: int = 4
+    # Strength of the steer on every later generated token (a fraction; 0: off).
     sustain: float = 0.0
     tuning: SteerTuningConfig = field(default_factory=SteerTuningConfig)
     evaluation: SteerEvalConfig = field(default_factory=SteerEvalConfig)

@@ -56,10 +56,13 @@ class TokenSetsConfig:
     paired_only: bool = True
     # One-vs-rest frequency ratio a language must reach over every rival.
     ratio: float = 3.0
+    # Add-k smoothing of the token counts in those ratios.
     smoothing: float = 1.0
+    # Tokens seen fewer times in the corpus are left to wordfreq (or to no language).
     min_count: int = 3
     # Decide tokens the corpus did not with wordfreq lists.
     use_wordfreq: bool = True
+    # Smallest wordfreq Zipf frequency for a word to count as a language's.
     min_zipf: float = 3.0
     # Rival-only languages without texts (compete through wordfreq), e.g. [pt, it] for es.
     rivals: list[str] = field(default_factory=list)
@@ -105,6 +108,7 @@ class SelectivityConfig:
     reduction: str = "last"
     # Pair splits of the cache used for localisation.
     splits: list[str] = field(default_factory=lambda: ["discovery"])
+    # ε in the denominator of Sel_j (keeps silent latents finite).
     eps: float = 1e-6
     # English features N_en of the steer (feature mode): the most English-selective latents
     # (Sel < 0), at most this many per layer.
@@ -135,17 +139,21 @@ class LiftConfig:
     batch_size: int = 64
     # K: smallest k whose cumulative score reaches `saturation`, clipped to [min_k, max_k].
     saturation: float = 0.9
+    # Fewest features K kept per layer.
     min_k: int = 1
+    # Most features K kept per layer.
     max_k: int = 32
     # Single-layer causal gain of each layer: the ΔM lift of pushing "mean_direction" (the
     # normalised mean of the K selected unit decoder rows) or "top_feature" (the best-ranked
     # feature's decoder row) at that layer alone, at α = `causal_alpha` (null: the largest α).
     causal_gain: str = "mean_direction"
+    # α of the single-layer causal gain (null: the largest α of the lift grid).
     causal_alpha: Optional[float] = None
     # Tokens sampled from the cache for the typical norm s_ℓ (median token norm).
     norm_tokens: int = 65536
     # Top tokens (logit lens) shown for each of the `n_top_features` best features.
     n_top_features: int = 5
+    # Logit-lens tokens shown per feature.
     n_top_tokens: int = 8
 
     def __post_init__(self):
@@ -182,16 +190,21 @@ class TracingConfig:
     # Tail rule (TailRule): robust z ≥ z_min, at most max_fraction of the layer's neurons
     # (and max_size if set), paired |t| ≥ t_min.
     z_min: float = 4.0
+    # At most this fraction of the layer's neurons in each tail.
     max_fraction: float = 0.01
+    # At most this many neurons in each tail (null: no cap).
     max_size: Optional[int] = None
+    # Paired |t| a traced neuron must reach.
     t_min: float = 3.0
     # Fold Gemma's post-MLP norm scale into W_down.
     fold_post_norm: bool = True
     # Model path: documents per forward, token window (null: the cache's max_length).
     batch_size: int = 16
+    # Token window of the model path (null: the cache's max_length).
     max_length: Optional[int] = None
     # LAPE on the same activations (all cache languages, the analysed layers together).
     lape_entropy_quantile: float = 0.01
+    # LAPE: activation-probability quantile a language-specific neuron must reach.
     lape_prob_quantile: float = 0.95
 
     def __post_init__(self):
@@ -216,11 +229,15 @@ class SpectraConfig:
     min_support: int = 8
     # Fix the rank r (null: the eigengap index i*).
     rank: Optional[int] = None
+    # The eigengap i* is searched among the first this many singular values.
     max_gap_index: int = MAX_GAP_INDEX
     # Bootstrap resamples for the stability of the top-r subspace.
     n_boot: int = 50
+    # Null models the spectra are compared with (shuffled pairs, random support).
     nulls: list[str] = field(default_factory=lambda: list(NULL_KINDS))
+    # Draws of each null model.
     n_null: int = 5
+    # Bootstrap resamples of each null draw.
     null_boot: int = 20
 
     def __post_init__(self):
@@ -237,6 +254,7 @@ class WindowConfig:
 
     # Contiguous windows of min_width…max_width layers (a 4-layer model needs min_width ≤ 4).
     min_width: int = 3
+    # Widest window considered (layers).
     max_width: int = 6
     # Subtract a null's Mass·Stab ("random_support" or "shuffled_pairs"; null: none).
     null: Optional[str] = None
