@@ -384,9 +384,12 @@ def test_native_reference_templates_prompts_and_the_ceiling_line():
         SteerEvalConfig(native_template="no slot")
 
     # translated in the prompts' order; prompts without a translation are left out
+    from sae_train.corpora.embedded import Prompt
+
     rows = load_embedded_prompts(["evaluation"])[:5]
-    tuning = load_embedded_prompts(["tuning"])[:2]
-    texts, ids = native_prompts([rows[0], tuning[0], *rows[1:], tuning[1]], "es")
+    untranslated = [Prompt(f"user-{i}", f"A question of the user's {i}?", "evaluation", "")
+                    for i in range(2)]
+    texts, ids = native_prompts([rows[0], untranslated[0], *rows[1:], untranslated[1]], "es")
     assert ids == [p.id for p in rows] and len(texts) == 5
     assert all(t != p.text for t, p in zip(texts, rows))
     assert native_prompts(rows, "fr") == ([], [])
