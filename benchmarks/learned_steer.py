@@ -138,7 +138,7 @@ def main() -> None:
         res = learn_steer(model, support, teacher_train, kl_text, cfg, target=target,
                           english="en", method=f"learned_{name}", decode_steps=args.decode_steps,
                           sustain=args.sustain, pad_id=tok.pad_token_id or 0)
-        res.artifact.save(out / f"learned_{name}")
+        res.artifact.save(out / f"learned_{name}", model=model, tokenizer=tok)
         # γ on the tuning split: guarded DEFAULT among points with KL(gen) within budget
         best = None
         for g in [float(x) for x in args.gammas.split(",")]:

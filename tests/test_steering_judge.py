@@ -10,7 +10,7 @@ from steering.evaluate.judge import (CONFUSABLE, SCRIPTS, FluencyGuards, Judgeme
                                      LanguageIdentifier, bootstrap_ci, count_letters, distinct_n,
                                      first_line, identifiers_for, is_looping, judge_continuation,
                                      longest_tandem_repeat, looping_reason, max_ngram_share,
-                                     script_fraction, summarise)
+                                     script_fraction, summarise, wilson_ci)
 
 SPANISH = "La capital de Francia es París, una ciudad muy bonita y llena de historia."
 ENGLISH = "The capital of France is Paris, a beautiful city full of history and art."
@@ -253,6 +253,27 @@ def test_bootstrap_ci_nan_safe_and_empty():
         bootstrap_ci([1], confidence=1.5)
 
 
+def test_wilson_ci_at_the_edges_and_against_statsmodels():
+    none, every = wilson_ci([0] * 48), wilson_ci([1] * 48)
+    assert none["statistic"] == "wilson" and none["n"] == 48
+    assert none["low"] == 0 and none["high"] == pytest.approx(0.0741, abs=1e-4)
+    assert every["high"] == pytest.approx(1.0) and every["low"] == pytest.approx(0.9259, abs=1e-4)
+    assert set(none) == set(bootstrap_ci([0, 1]))  # the same dict shape
+    proportion_confint = pytest.importorskip("statsmodels.stats.proportion").proportion_confint
+    for k, n, conf in ((17, 48, 0.95), (3, 10, 0.9), (1, 1, 0.95)):
+        r = wilson_ci([1] * k + [0] * (n - k), confidence=conf)
+        low, high = proportion_confint(k, n, alpha=1 - conf, method="wilson")
+        assert (r["low"], r["high"]) == pytest.approx((low, high), abs=1e-12)
+        assert r["mean"] == r["value"] == k / n
+    r = wilson_ci([1, 0, float("nan"), None])
+    assert r["n"] == 2 and r["mean"] == 0.5
+    assert math.isnan(wilson_ci([])["low"])
+    with pytest.raises(ValueError, match="0/1"):
+        wilson_ci([0.5, 1])
+    with pytest.raises(ValueError, match="confidence"):
+        wilson_ci([1], confidence=1.0)
+
+
 def test_summarise(es_ids):
     texts = [SPANISH, ENGLISH, PORTUGUESE, "el el el el el el el el el"]
     js = [judge_continuation(t, t, "es", es_ids) for t in texts]
@@ -262,6 +283,7 @@ def test_summarise(es_ids):
     assert s["looping"]["mean"] == pytest.approx(0.25) and s["fluent"]["mean"] == 0.75
     assert s["leak"]["mean"] == pytest.approx(0.25) and s["leak_counts"] == {"pt": 1}
     assert s["script_fraction"]["mean"] == pytest.approx(1.0)
+    assert s["looping"]["statistic"] == "wilson" and s["distinct2"]["statistic"] == "mean"
     assert s["distinct2"]["n"] == 4 and s["nll_increase"]["n"] == 0
     for key in ("is_target_head", "is_target_full", "is_target_first_line", "fluent", "looping",
                 "leak", "script_fraction", "distinct2"):

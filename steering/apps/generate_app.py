@@ -20,6 +20,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from sae_train.apps import report_user_errors
 from sae_train.config import ModelConfig, PathsConfig, register_configs
 from steering.apps import config_dir
 from steering.language.defaultness import DEFAULT_TEMPLATE
@@ -48,6 +49,12 @@ class GenerateAppConfig:
     no_repeat_ngram_size: int = 0
     batch_size: int = 8
     out_file: Optional[str] = None
+    # Use an artifact whose steer.json or tensors were edited after it was saved (their
+    # checksums do not match; refused by default).
+    allow_edited: bool = False
+    # Refuse an artifact built for another model (its recorded fingerprint: architecture,
+    # widths, vocabulary); false steers anyway.
+    check_model: bool = True
 
 
 ConfigStore.instance().store(name="generate_schema", node=GenerateAppConfig)
@@ -60,17 +67,22 @@ def run_generate(cfg) -> list[dict]:
     from sae_train.models.loading import load_model
     from steering.language.defaultness import left_pad
     from steering.steer.artifact import SteeringArtifact
-    from steering.steer.runtime import prompt_with_prefix, steer
+    from steering.steer.runtime import check_model_matches, prompt_with_prefix, steer
 
     if OmegaConf.is_config(cfg):
         cfg = OmegaConf.to_object(cfg)
-    art = SteeringArtifact.load(cfg.artifact)
+    check_generate_config(cfg)
+    art = SteeringArtifact.load(cfg.artifact, allow_edited=cfg.allow_edited)
     prompts = cfg.prompts
     if cfg.prompts_file:
+        if not Path(cfg.prompts_file).is_file():
+            raise ValueError(f"prompts_file={cfg.prompts_file}: no such file")
         prompts = [l.strip() for l in Path(cfg.prompts_file).read_text().splitlines() if l.strip()]
     if not prompts:
         raise ValueError("no prompts: give prompts=[...] or prompts_file=<file>")
     model, tokenizer, info = load_model(cfg.model)
+    if cfg.check_model:
+        check_model_matches(model, art, tokenizer)
     device = next(model.parameters()).device
     pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
 
@@ -80,7 +92,8 @@ def run_generate(cfg) -> list[dict]:
         for s in range(0, len(texts), cfg.batch_size):
             ids, attn = left_pad([tokenizer(t)["input_ids"] for t in texts[s:s + cfg.batch_size]],
                                  pad)
-            ctx = steer(model, art, gamma=cfg.gamma, position=cfg.position) if steered \
+            ctx = steer(model, art, gamma=cfg.gamma, position=cfg.position,
+                        check_model=False) if steered \
                 else torch.no_grad()
             with ctx:
                 gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
@@ -105,7 +118,27 @@ def run_generate(cfg) -> list[dict]:
     return rows
 
 
+def check_generate_config(cfg) -> None:
+    """Refuse a bad setting before anything is loaded (one line naming the key)."""
+    from steering.steer.artifact import POSITION_MODES, check_strengths
+
+    if cfg.artifact in (None, "", "???"):
+        raise ValueError("artifact is not set: give artifact=<a steering artifact folder>")
+    check_strengths(gamma=cfg.gamma)
+    if cfg.position is not None and cfg.position not in POSITION_MODES:
+        raise ValueError(f"position={cfg.position!r}; use one of {POSITION_MODES}")
+    for key in ("max_new_tokens", "batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}={getattr(cfg, key)}: must be ≥ 1")
+    if not (cfg.repetition_penalty > 0 and cfg.repetition_penalty < float("inf")):
+        raise ValueError(f"repetition_penalty={cfg.repetition_penalty}: must be a finite "
+                         "number > 0")
+    if cfg.no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size={cfg.no_repeat_ngram_size}: must be ≥ 0")
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="generate")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     run_generate(cfg)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from sae_train.apps import report_user_errors
 from steering.apps import config_dir
 from steering.localise.config import register_localise_configs
 from steering.localise.run import run_localise
@@ -24,6 +25,7 @@ register_localise_configs()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="localise")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     run_localise(cfg)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from sae_train.apps import report_user_errors
 from steering.apps import config_dir
 from steering.evaluate.config import register_steer_configs
 from steering.evaluate.pipeline import run_steer
@@ -22,6 +23,7 @@ register_steer_configs()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="steer")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     run_steer(cfg)
 

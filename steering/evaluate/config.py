@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from sae_train.config import ModelConfig, PathsConfig, register_configs
 from steering.evaluate.harness import TUNING_OBJECTIVES
 from steering.localise.config import _check
+from steering.steer.artifact import MAX_STRENGTH
 
 # --------------------------------------------------------------------------- foxp2-steer
 @dataclass
@@ -66,6 +67,10 @@ class SteerTuningConfig:
                f"tuning.objective={self.objective!r}: use one of {list(TUNING_OBJECTIVES)}")
         _check(self.kl_budget > 0, f"tuning.kl_budget={self.kl_budget}: must be > 0")
         _check(bool(self.lams) and bool(self.betas), "tuning.lams and tuning.betas: non-empty")
+        for key in ("lams", "betas", "window_lams"):
+            bad = [v for v in getattr(self, key) or [] if not abs(float(v)) <= MAX_STRENGTH]
+            _check(not bad, f"tuning.{key} holds {bad}: strengths must be finite and at most "
+                            f"{MAX_STRENGTH:g} in size")
         _check(self.window_width is None or self.window_width >= 1,
                f"tuning.window_width={self.window_width}: ≥ 1 or null")
         _check(self.window_stride >= 1, f"tuning.window_stride={self.window_stride}: ≥ 1")

@@ -31,7 +31,9 @@ sentence's first token standing for the prompt end (it and the next ``decode_ste
 are steered); ``all``: every position steered. The bars refer to ``gen``; ``all`` is
 reported next to it.
 
-Every rate and mean comes with a percentile-bootstrap 95% CI over prompts (or sentences).
+Every rate (DEFAULT, language ID, fluent, looping, leak, relevance) comes with a 95% Wilson
+score interval, every mean (ΔM, KL, NLL) with a percentile-bootstrap 95% CI over prompts (or
+sentences).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from steering.evaluate.judge import (FluencyGuards, bootstrap_ci, identifiers_for,
-                                     judge_continuation, summarise)
+                                     judge_continuation, summarise, wilson_ci)
 from steering.language.defaultness import DEFAULT_TEMPLATE, greedy_language_masses, left_pad
 from steering.language.token_sets import LanguageTokenSets
 from steering.steer.artifact import SteeringArtifact
@@ -311,7 +313,7 @@ def evaluate_method(model, tokenizer, artifact: SteeringArtifact | None, *, targ
     ci = lambda v: bootstrap_ci(v, n_boot=settings.n_boot, seed=settings.seed)  # noqa: E731
     text = summarise(judgements, n_boot=settings.n_boot, seed=settings.seed)
     metrics = {
-        "default": ci(default),
+        "default": wilson_ci(default),
         "delta_m": ci(gens.delta_m),
         "delta_m_gain": ci(gens.delta_m - reference.delta_m) if reference is not None
         else ci(np.zeros_like(gens.delta_m)),
@@ -345,9 +347,9 @@ def _relevance_guard(model, tokenizer, relevance, prompts, gens: Generations,
     relevant = np.array([float(np.isfinite(v) and v >= relevance.tau) for v in pmi])
     failures["relevance"] = float(1 - relevant.mean()) if len(relevant) else 0.0
     ci = lambda v: bootstrap_ci(v, n_boot=settings.n_boot, seed=settings.seed)  # noqa: E731
-    return default * relevant, {"relevance": ci(relevant), "relevance_pmi": ci(pmi),
+    return default * relevant, {"relevance": wilson_ci(relevant), "relevance_pmi": ci(pmi),
                                 "relevance_tau": relevance.tau,
-                                "default_without_relevance": ci(default)}
+                                "default_without_relevance": wilson_ci(default)}
 
 
 def language_nll_offset(model, tokenizer, target_text: Sequence[str] | HeldOutText,

@@ -49,8 +49,9 @@ second identifier restricted to ``[target, "en", *CONFUSABLE[target]]``; ``leak`
 when that label is a confusable language with probability ``≥ min_leak_confidence`` (0.5),
 else ``None``. :func:`identifiers_for` builds both identifiers.
 
-**Statistics.** :func:`bootstrap_ci` is a percentile bootstrap over items (NaNs dropped,
-deterministic for a seed); :func:`summarise` gives every rate and mean with its CI.
+**Statistics.** Rates (0/1 outcomes) get a Wilson score interval (:func:`wilson_ci`), which
+stays honest at 0 % and 100 %; means get a percentile bootstrap over items (:func:`bootstrap_ci`,
+NaNs dropped, deterministic for a seed); :func:`summarise` gives every rate and mean with its CI.
 """
 
 from __future__ import annotations
@@ -496,20 +497,47 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, confidence: float 
     return out
 
 
+def wilson_ci(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """Wilson score interval of a proportion: ``values`` are 0/1 outcomes (NaN and None
+    dropped). The same dict as :func:`bootstrap_ci` with ``statistic="wilson"``; ``value`` and
+    ``mean`` are the observed rate. Unlike a percentile bootstrap it does not collapse at 0 or
+    1: 0 of 48 gives [0, 0.074], 48 of 48 [0.926, 1]. Computed by
+    ``scipy.stats.binomtest(k, n).proportion_ci(method="wilson")``."""
+    from scipy.stats import binomtest
+
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    arr = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    n = int(arr.size)
+    out = {"mean": math.nan, "low": math.nan, "high": math.nan, "n": n,
+           "statistic": "wilson", "value": math.nan}
+    if n == 0:
+        return out
+    if not np.all((arr == 0) | (arr == 1)):
+        raise ValueError("wilson_ci takes 0/1 outcomes; use bootstrap_ci for a mean")
+    k = int(arr.sum())
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    out.update(mean=k / n, value=k / n, low=float(ci.low), high=float(ci.high))
+    return out
+
+
 _RATES = ("is_target_head", "is_target_full", "is_target_first_line", "fluent", "looping")
 
 
 def summarise(judgements: Sequence[Judgement], n_boot: int = 2000, confidence: float = 0.95,
               seed: int = 0) -> dict:
-    """Rates and means with bootstrap CIs over ``judgements``: ``is_target_head``,
-    ``is_target_full``, ``is_target_first_line``, ``fluent``, ``looping``, ``leak`` (share with
-    any leak), ``script_fraction``, ``distinct2``, ``nll_increase`` (over those that have it);
-    plus ``n`` and ``leak_counts`` (confusable language → count)."""
+    """Rates with Wilson intervals (:func:`wilson_ci`) and means with bootstrap CIs over
+    ``judgements``: the rates ``is_target_head``, ``is_target_full``, ``is_target_first_line``,
+    ``fluent``, ``looping``, ``leak`` (share with any leak); the means ``script_fraction``,
+    ``distinct2``, ``nll_increase`` (over those that have it); plus ``n`` and ``leak_counts``
+    (confusable language → count)."""
     ci = functools.partial(bootstrap_ci, n_boot=n_boot, confidence=confidence, seed=seed)
+    rate = functools.partial(wilson_ci, confidence=confidence)
     out: dict = {"n": len(judgements)}
     for name in _RATES:
-        out[name] = ci([float(getattr(j, name)) for j in judgements])
-    out["leak"] = ci([float(j.leak is not None) for j in judgements])
+        out[name] = rate([float(getattr(j, name)) for j in judgements])
+    out["leak"] = rate([float(j.leak is not None) for j in judgements])
     out["leak_counts"] = dict(Counter(j.leak for j in judgements if j.leak is not None))
     out["script_fraction"] = ci([j.script_fraction for j in judgements])
     out["distinct2"] = ci([j.distinct2 for j in judgements])

@@ -385,7 +385,7 @@ def share_primary_result(run: SteerRun, method: str, art: SteeringArtifact, same
                                       "met_budget": same["tuning_met_budget"],
                                       "points": points, "same_as": cfg.primary},
                            "model": run.info.to_dict()})
-    art.save(art_dir)
+    art.save(art_dir, model=run.model, tokenizer=run.tokenizer)
     result = {**same, "tuning": points, "artifact": str(art_dir), "describe": art.describe(),
               "same_as": cfg.primary, "seconds": time.perf_counter() - t0}
     if method not in cfg.frontier.methods:
@@ -408,7 +408,7 @@ def tune_and_evaluate(run: SteerRun, method: str, request: BuildRequest, tuner: 
                                       "points": [p.to_dict() for p in points],
                                       **tuned.record},
                            "model": run.info.to_dict()})
-    art.save(art_dir)
+    art.save(art_dir, model=run.model, tokenizer=run.tokenizer)
     metrics, _ = evaluate_method(run.model, run.tokenizer, art, target=cfg.target,
                                  english=cfg.english, prompts=splits.eval_prompts,
                                  sentences=splits.eval_sents, token_sets=run.sets,

@@ -54,7 +54,8 @@ def markdown(report: dict) -> str:
     t = report["target"]
     lines = [f"# Steering report: English → {t} on {report.get('model', '?')}", "",
              f"Evaluation split: {report['n_prompts']} neutral English prompts, "
-             f"{report['n_sentences']} held-out {t} sentences; 95% bootstrap CIs in brackets. "
+             f"{report['n_sentences']} held-out {t} sentences; 95% CIs in brackets (Wilson for "
+             "rates, bootstrap for means). "
              f"Tuning: max {_objective(report)} with KL_gen ≤ {report['kl_budget']} nats/token "
              "on the tuning split. "
              "`gen` = steered as in generation (prompt end + first decode steps; a sentence's "

@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,6 +58,8 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 FORMAT = "foxp2-steer"
 FORMAT_VERSION = 1
@@ -66,6 +70,12 @@ POSITION_MODES = ("prompt_end", "all")
 _TENSOR_FIELDS = ("add", "add_index", "remove_index", "remove_encoder", "remove_bias",
                   "remove_mean", "remove_decoder", "gate_index", "gate_encoder", "gate_bias",
                   "gate_base", "gate_delta", "scale_index", "scale")
+# |λ|, |β|, |γ| above this are a typo or a corrupted file, not a steer.
+MAX_STRENGTH = 1e6
+# The fields the parameters checksum covers (steer.json's "parameters_sha256"), besides the
+# per-layer layout ("edits") and the model fingerprint.
+CHECKED_FIELDS = ("method", "target", "english", "lam", "beta", "gamma", "position",
+                  "decode_steps", "sustain", "prompt_prefix")
 
 
 class ArtifactError(ValueError):
@@ -170,8 +180,12 @@ class SteeringArtifact:
     # Text prepended to every prompt (the prompting baseline); "" for activation steers.
     prompt_prefix: str = ""
     provenance: dict = field(default_factory=dict)
+    # The model it was built for (steering.steer.fingerprint); {} when unknown (old artifacts).
+    # steer() refuses a model that does not match it.
+    model_fingerprint: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        check_strengths(lam=self.lam, beta=self.beta, gamma=self.gamma)
         if self.position not in POSITION_MODES:
             raise ArtifactError(f"position={self.position!r}; use one of {POSITION_MODES}")
         if self.decode_steps < 0:
@@ -203,22 +217,34 @@ class SteeringArtifact:
                 "edits": [e.sizes() for e in self.edits]}
 
     # ------------------------------------------------------------------ files
-    def save(self, folder: str | Path) -> Path:
-        """Write ``<folder>/steer.safetensors`` and ``<folder>/steer.json`` (atomically)."""
+    def parameters(self) -> dict:
+        """What the parameters checksum covers: :data:`CHECKED_FIELDS`, the per-layer layout and
+        the model fingerprint, in canonical types."""
+        out = {name: getattr(self, name) for name in CHECKED_FIELDS}
+        out.update(lam=float(self.lam), beta=float(self.beta), gamma=float(self.gamma),
+                   decode_steps=int(self.decode_steps), sustain=float(self.sustain),
+                   edits=_layout(self.edits), model_fingerprint=dict(self.model_fingerprint))
+        return out
+
+    def save(self, folder: str | Path, model=None, tokenizer=None) -> Path:
+        """Write ``<folder>/steer.safetensors`` and ``<folder>/steer.json`` (atomically).
+
+        With ``model`` (and ``tokenizer``) its fingerprint is recorded first
+        (``self.model_fingerprint``), so that :func:`steering.steer.runtime.steer` can refuse
+        another model. steer.json carries the sha256 of the tensors file and of
+        :meth:`parameters` (checked by :meth:`load`)."""
         from safetensors.torch import save_file
 
+        if model is not None:
+            from steering.steer.fingerprint import model_fingerprint
+
+            self.model_fingerprint = model_fingerprint(model, tokenizer)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, Tensor] = {}
-        layout = []
-        for i, e in enumerate(self.edits):
-            entry = {"layer": e.layer, "space": e.space, "sae_path": e.sae_path, "tensors": []}
-            for name in _TENSOR_FIELDS:
-                value = getattr(e, name)
-                if value is not None:
-                    tensors[f"edits.{i}.{name}"] = value.detach().cpu().contiguous().clone()
-                    entry["tensors"].append(name)
-            layout.append(entry)
+        tensors = {f"edits.{i}.{name}": getattr(e, name).detach().cpu().contiguous().clone()
+                   for i, e in enumerate(self.edits) for name in _TENSOR_FIELDS
+                   if getattr(e, name) is not None}
+        layout = _layout(self.edits)
         tmp = folder / (TENSORS_NAME + ".tmp")
         save_file(tensors or {"empty": torch.zeros(0)}, str(tmp), metadata={"format": FORMAT})
         os.replace(tmp, folder / TENSORS_NAME)
@@ -228,7 +254,8 @@ class SteeringArtifact:
                 "beta": self.beta, "gamma": self.gamma, "position": self.position,
                 "decode_steps": self.decode_steps, "sustain": self.sustain,
                 "prompt_prefix": self.prompt_prefix, "window": self.window, "edits": layout,
-                "tensors_sha256": digest,
+                "tensors_sha256": digest, "model_fingerprint": self.model_fingerprint,
+                **_parameter_checksums(self.parameters()),
                 "provenance": {**self.provenance,
                                "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
         tmp = folder / (META_NAME + ".tmp")
@@ -237,27 +264,122 @@ class SteeringArtifact:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, verify: bool = True) -> "SteeringArtifact":
-        """Read a folder written by :meth:`save` (safetensors only, no pickle)."""
-        from safetensors.torch import load_file
+    def load(cls, folder: str | Path, verify: bool = True,
+             allow_edited: bool = False) -> "SteeringArtifact":
+        """Read a folder written by :meth:`save` (safetensors only, no pickle).
 
+        ``verify`` checks the tensors file and the parameters against the checksums in
+        steer.json (artifacts written before the parameters checksum have only the first) and
+        refuses a file edited after it was saved; ``allow_edited=True`` logs a warning instead.
+        Every failure is an :class:`ArtifactError` naming the file and what is wrong."""
         folder = Path(folder)
         meta_path, tensor_path = folder / META_NAME, folder / TENSORS_NAME
+        if not folder.is_dir():
+            raise ArtifactError(f"{folder} is not a steering artifact: "
+                                + ("it is a file, not a folder" if folder.exists()
+                                   else "the folder is missing"))
         for p in (meta_path, tensor_path):
             if not p.is_file():
                 raise ArtifactError(f"{folder} is not a steering artifact: {p.name} is missing")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise ArtifactError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise ArtifactError(f"{meta_path}: format_version {meta['format_version']} is newer "
-                                f"than this foxp2 ({FORMAT_VERSION}); upgrade foxp2")
+        meta = _read_meta(meta_path)
         if verify:
             digest = hashlib.sha256(tensor_path.read_bytes()).hexdigest()
             if digest != meta.get("tensors_sha256"):
-                raise ArtifactError(f"{tensor_path} does not match the checksum in {meta_path} "
-                                    "(modified or truncated)")
-        tensors = load_file(str(tensor_path))
+                _edited(f"{tensor_path} does not match the checksum in {meta_path} (modified "
+                        "or truncated)", allow_edited)
+        art = _from_meta(cls, meta, meta_path, _read_tensors(tensor_path))
+        if verify and "parameters_sha256" in meta:
+            _check_parameters(art, meta, meta_path, allow_edited)
+        if not art.model_fingerprint:
+            log.info("%s has no model fingerprint (written before foxp2 recorded one): steer() "
+                     "cannot check that the model matches", folder)
+        return art
+
+
+def check_strengths(**strengths) -> None:
+    """Refuse a non-finite or absurd strength (``lam=inf``, ``gamma=nan``, ``|β| > 1e6``)."""
+    for name, value in strengths.items():
+        if value is None:
+            continue
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ArtifactError(f"{name}={value!r}: a strength must be a number") from None
+        if not math.isfinite(v):
+            raise ArtifactError(f"{name}={value}: a strength must be finite")
+        if abs(v) > MAX_STRENGTH:
+            raise ArtifactError(f"{name}={value}: |{name}| > {MAX_STRENGTH:g} is not a steer "
+                                "strength (a typo or a corrupted file?)")
+
+
+def _layout(edits: list[LayerEdit]) -> list[dict]:
+    return [{"layer": int(e.layer), "space": e.space, "sae_path": e.sae_path,
+             "tensors": [n for n in _TENSOR_FIELDS if getattr(e, n) is not None]}
+            for e in edits]
+
+
+def _digest(value) -> str:
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _parameter_checksums(params: dict) -> dict:
+    return {"parameters_sha256": _digest(params),
+            "parameters_field_sha256": {k: _digest(v)[:16] for k, v in params.items()}}
+
+
+def _edited(message: str, allow_edited: bool) -> None:
+    if not allow_edited:
+        raise ArtifactError(f"{message}; pass allow_edited=True (foxp2-generate: "
+                            "allow_edited=true) to use it anyway")
+    log.warning("%s; used anyway (allow_edited)", message)
+
+
+def _check_parameters(art: "SteeringArtifact", meta: dict, meta_path: Path,
+                      allow_edited: bool) -> None:
+    params = art.parameters()
+    if _digest(params) == meta["parameters_sha256"]:
+        return
+    fields = meta.get("parameters_field_sha256") or {}
+    changed = [k for k, v in params.items() if fields.get(k) != _digest(v)[:16]]
+    shown = ", ".join(f"{k}: {_short(params[k])}" for k in changed) or "parameters_sha256"
+    _edited(f"{meta_path} was edited after it was saved: its parameters checksum does not "
+            f"match ({shown})", allow_edited)
+
+
+def _short(value) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_meta(meta_path: Path) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{meta_path} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ArtifactError(f"{meta_path}: format {found!r}, expected {FORMAT!r} (not a "
+                            "steering artifact)")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(f"{meta_path}: format_version {version!r} is newer than this foxp2 "
+                            f"({FORMAT_VERSION}) or not a version; upgrade foxp2")
+    return meta
+
+
+def _read_tensors(tensor_path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(tensor_path))
+    except Exception as err:  # safetensors raises its own error type on a damaged file
+        raise ArtifactError(f"{tensor_path} is not a readable safetensors file "
+                            f"({' '.join(str(err).split())})") from None
+
+
+def _from_meta(cls, meta: dict, meta_path: Path, tensors: dict) -> "SteeringArtifact":
+    try:
         edits = []
         for i, entry in enumerate(meta["edits"]):
             kwargs = {name: tensors[f"edits.{i}.{name}"] for name in entry["tensors"]}
@@ -269,7 +391,15 @@ class SteeringArtifact:
                    position=meta["position"], decode_steps=int(meta["decode_steps"]),
                    sustain=float(meta.get("sustain", 0.0)),
                    prompt_prefix=meta.get("prompt_prefix", ""),
-                   provenance=meta.get("provenance", {}))
+                   provenance=meta.get("provenance", {}),
+                   model_fingerprint=meta.get("model_fingerprint") or {})
+    except ArtifactError as err:
+        raise ArtifactError(f"{meta_path}: {err}") from None
+    except KeyError as err:
+        raise ArtifactError(f"{meta_path}: {err.args[0]!r} is missing (a tensor of the layout, "
+                            "or a field)") from None
+    except (TypeError, ValueError) as err:
+        raise ArtifactError(f"{meta_path}: a field has a wrong value ({err})") from None
 
 
 def _json_default(obj: Any):

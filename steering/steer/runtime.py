@@ -30,6 +30,7 @@ of plain generation.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Optional
 
@@ -38,7 +39,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_train.models.sites import first_tensor, site_module
-from steering.steer.artifact import POSITION_MODES, ArtifactError, LayerEdit, SteeringArtifact
+from steering.steer.artifact import (POSITION_MODES, ArtifactError, LayerEdit, SteeringArtifact,
+                                     check_strengths)
+from steering.steer.fingerprint import fingerprint_mismatches, model_fingerprint
+
+log = logging.getLogger(__name__)
 
 
 class _Columns:
@@ -109,8 +114,11 @@ class Steerer:
 
     def __init__(self, model, artifact: SteeringArtifact, gamma: float, position: str,
                  decode_steps: int, sustain: float = 0.0):
+        check_strengths(gamma=gamma)
         if position not in POSITION_MODES:
             raise ArtifactError(f"position={position!r}; use one of {POSITION_MODES}")
+        if int(decode_steps) < 0:
+            raise ArtifactError(f"decode_steps={decode_steps}: must be ≥ 0")
         if not 0 <= sustain <= 1:
             raise ArtifactError(f"sustain={sustain}: must be in [0, 1]")
         self.model, self.artifact = model, artifact
@@ -258,15 +266,21 @@ class Steerer:
 @contextmanager
 def steer(model, artifact: SteeringArtifact | str, gamma: float | None = None,
           position: str | None = None, decode_steps: int | None = None,
-          sustain: float | None = None):
+          sustain: float | None = None, check_model: bool = True, tokenizer=None):
     """Context manager: ``model`` steered by ``artifact`` (a loaded artifact or its folder).
 
     ``gamma`` scales λ and β together (default: the artifact's γ); ``position``,
     ``decode_steps`` and ``sustain`` override the artifact's position mode. Yields the
     :class:`Steerer`; its hooks are removed on exit, also when the body raises.
+
+    An artifact that records its model's fingerprint is refused on a model that does not match
+    it (and, with ``tokenizer``, on another vocabulary): :func:`check_model_matches`.
+    ``check_model=False`` steers anyway (an artifact without a fingerprint is not checked).
     """
     if not isinstance(artifact, SteeringArtifact):
         artifact = SteeringArtifact.load(artifact)
+    if check_model:
+        check_model_matches(model, artifact, tokenizer)
     steerer = Steerer(model, artifact, artifact.gamma if gamma is None else gamma,
                       artifact.position if position is None else position,
                       artifact.decode_steps if decode_steps is None else decode_steps,
@@ -276,6 +290,19 @@ def steer(model, artifact: SteeringArtifact | str, gamma: float | None = None,
         yield steerer
     finally:
         steerer.remove()
+
+
+def check_model_matches(model, artifact: SteeringArtifact, tokenizer=None) -> None:
+    """Raise :class:`ArtifactError` naming every field where ``model`` (and ``tokenizer``)
+    differ from the fingerprint ``artifact`` was saved with; nothing to check without one."""
+    if not artifact.model_fingerprint:
+        return
+    current = model_fingerprint(model, tokenizer)
+    differ = fingerprint_mismatches(artifact.model_fingerprint, current)
+    if differ:
+        raise ArtifactError(f"the {artifact.method} artifact was built for another model ("
+                            f"{'; '.join(differ)}); pass check_model=False (foxp2-generate: "
+                            "check_model=false) to steer anyway")
 
 
 def prompt_with_prefix(artifact: Optional[SteeringArtifact], prompt: str) -> str:
