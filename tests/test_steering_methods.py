@@ -98,3 +98,18 @@ def test_unknown_methods_fail_at_the_config_and_at_the_builder():
         SteerAppConfig(methods=["foxp2", "shift"])
     with pytest.raises(ValueError, match="unknown method 'shift'"):
         build_method("shift", _localisation())
+
+
+def test_a_learned_methods_stored_result_depends_on_the_learn_settings():
+    import dataclasses
+    from types import SimpleNamespace
+
+    from steering.evaluate.config import SteerAppConfig
+    from steering.evaluate.pipeline import method_key
+
+    cfg = SteerAppConfig(methods=["foxp2_neurons", "foxp2_learned"], primary="foxp2_learned")
+    other = dataclasses.replace(cfg, learn=dataclasses.replace(cfg.learn, steps=7))
+    keys = {name: [method_key(SimpleNamespace(cfg=c), {"base": 1}, name) for c in (cfg, other)]
+            for name in ("foxp2_neurons", "foxp2_learned")}
+    assert keys["foxp2_neurons"][0] == keys["foxp2_neurons"][1]
+    assert keys["foxp2_learned"][0] != keys["foxp2_learned"][1]

@@ -168,9 +168,17 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
     for method in tqdm(run.cfg.methods, desc=f"methods ({run.cfg.target})",
                        disable=not run.cfg.progress):
         methods[method] = steer_method(run, method, request, tuner, splits, reference, methods,
-                                       content_key({**base_key, "method": method}))
+                                       content_key(method_key(run, base_key, method)))
     report = assemble_report(run, splits, reference, methods, window, window_scan)
     return write_steer_report(run, report)
+
+
+def method_key(run: SteerRun, base_key: dict, method: str) -> dict:
+    """What a method's stored result depends on: the run's inputs and settings, plus the app
+    config section its registry entry names (e.g. ``learn`` for the learned steers)."""
+    section = method_spec(method).config_section
+    extra = {section: dataclasses.asdict(getattr(run.cfg, section))} if section else {}
+    return {**base_key, "method": method, **extra}
 
 
 def start_run(cfg: SteerAppConfig, model_bundle: tuple | None) -> SteerRun:
@@ -493,7 +501,7 @@ def _method_eval_key(ev) -> dict:
 
 # Settings added after results were first stored, with the value that reproduces the old
 # behaviour: left out of a result's key at that value, so stored results stay valid.
-_KEY_DEFAULTS = {"repetition_penalty": 1.0}
+_KEY_DEFAULTS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 
 
 def _without_defaults(key: dict) -> dict:

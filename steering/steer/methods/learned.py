@@ -130,7 +130,7 @@ def _spec(name: str, summary: str) -> MethodSpec:
     return MethodSpec(name, lambda request: build_learned(request, name),
                       Tuning("lam", search=lambda request, tuner: search_gamma(request, tuner,
                                                                                  name)),
-                      summary)
+                      summary, config_section="learn")
 
 
 FOXP2_LEARNED = _spec("foxp2_learned", "FOXP2's traced neurons, amplitudes learned against "

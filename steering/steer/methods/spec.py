@@ -144,3 +144,6 @@ class MethodSpec:
     # When the primary method tuned β = 0, this method's tuning walks the primary's λ line
     # with the same edit (foxp2_pos): the pipeline shares the primary's result.
     same_as_primary_at_beta_zero: bool = False
+    # The steer app's config section that shapes this method's artifact beyond the shared
+    # settings (e.g. "learn"): part of the key its stored result is reused under.
+    config_section: Optional[str] = None
