@@ -107,7 +107,10 @@ def test_a_learned_methods_stored_result_depends_on_the_learn_settings():
     from steering.evaluate.config import SteerAppConfig
     from steering.evaluate.pipeline import method_key
 
-    cfg = SteerAppConfig(methods=["foxp2_neurons", "foxp2_learned"], primary="foxp2_learned")
+    from steering.evaluate.config import FrontierConfig
+
+    cfg = SteerAppConfig(methods=["foxp2_neurons", "foxp2_learned"], primary="foxp2_learned",
+                         frontier=FrontierConfig(methods=[]))
     other = dataclasses.replace(cfg, learn=dataclasses.replace(cfg.learn, steps=7))
     keys = {name: [method_key(SimpleNamespace(cfg=c), {"base": 1}, name) for c in (cfg, other)]
             for name in ("foxp2_neurons", "foxp2_learned")}
