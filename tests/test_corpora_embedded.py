@@ -79,10 +79,12 @@ def test_corpus_errors_are_clear():
         load_documents(DataConfig(kind="wiki"))
 
 
-def test_every_evaluation_prompt_has_spanish_and_hindi_translations():
+def test_every_prompt_has_spanish_and_hindi_translations():
+    """Every prompt of every split (evaluation: the native row; discovery and tuning: the
+    learned steers' teacher answers and the relevance guard's calibration)."""
     from sae_train.corpora.embedded import load_prompt_translations
 
-    evaluation = {p.id: p.text for p in load_embedded_prompts(["evaluation"])}
+    evaluation = {p.id: p.text for p in load_embedded_prompts()}
     es, hi = load_prompt_translations("es"), load_prompt_translations("hi")
     assert set(es) == set(hi) == set(evaluation)
     assert load_prompt_translations("fr") == {}

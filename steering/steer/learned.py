@@ -271,7 +271,9 @@ def _nothing():
 
 class HeldOutKL:
     """KL(steered ‖ base) per token on target-language sentences, steered as in generation
-    (each sentence's first token standing for the prompt end); base log-probs computed once."""
+    (each sentence's first column standing for the prompt end). The unsteered log-probs are
+    recomputed for each batch (a forward without gradients): a cache keyed by the random
+    batches grew by a full-vocabulary tensor per step (12 GB on the demo model)."""
 
     def __init__(self, model, sentences_ids: Sequence[Sequence[int]], pad_id: int):
         self.model = model
@@ -279,14 +281,13 @@ class HeldOutKL:
         if not self.rows:
             raise LearnedSteerError("no held-out target sentence has two or more tokens")
         self.pad_id = pad_id
-        self._base: dict[tuple, Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
         ids, mask = right_pad([self.rows[i] for i in indices], self.pad_id)
-        # the first real token is the prompt end (BOS, when present, is column 0)
+        # column 0 (BOS, when the tokenizer adds one) stands for the prompt end
         ends = torch.zeros(len(indices), dtype=torch.long)
         return ids, mask, ends
 
@@ -300,11 +301,8 @@ class HeldOutKL:
     def __call__(self, steer: NeuronShift, indices: Sequence[int], position: str,
                  decode_steps: int, sustain: float) -> Tensor:
         ids, mask, ends = self.batch(indices)
-        key = tuple(indices)
-        if key not in self._base:
-            with torch.no_grad():
-                self._base[key] = self.log_probs(ids, mask)
-        base = self._base[key]
+        with torch.no_grad():
+            base = self.log_probs(ids, mask)
         weights = position_weights(ends, ids.shape[1], position, decode_steps, sustain)
         with shifted(self.model, steer, weights):
             logp = self.log_probs(ids, mask)
