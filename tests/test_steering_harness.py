@@ -159,6 +159,13 @@ def test_candidate_windows_and_bars():
     bad = {"default": {"mean": 0.95}, "nll_change_gen": {"mean": 0.2},
            "script_fraction": {"mean": 0.5}}
     assert [b["met"] for b in _check_bars("hi", bad, "foxp2")] == [True, False, False]
+    # against the native row of the same run: DEFAULT ≥ native − margin, script ≥ native's
+    native = {"default": {"mean": 0.77}, "script_fraction": {"mean": 0.4}}
+    bars = _check_bars("hi", bad, "foxp2", native)
+    assert [b["bound"] for b in bars] == [0.62, 0.10, 0.4]
+    assert [b["met"] for b in bars] == [True, False, True]
+    low = {**bad, "default": {"mean": 0.6}}
+    assert not _check_bars("hi", low, "foxp2", native)[0]["met"]
 
 
 def test_gen_mode_follows_the_artifacts_position(planted):

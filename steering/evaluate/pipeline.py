@@ -56,8 +56,11 @@ from steering.steer.methods import (ABLATED_MODES, BuildRequest, Placement, buil
 log = logging.getLogger("foxp2-steer")
 
 # The issue's bars on the demo model, for the primary method (gen-position NLL change).
+# With a native row in the run, the DEFAULT bar is that row's DEFAULT minus NATIVE_MARGINS and
+# the script bar is the native row's script fraction (the absolute numbers apply without one).
 BARS = {"es": {"default": 0.95, "nll_change_gen": 0.05},
-        "hi": {"default": 0.90, "nll_change_gen": 0.15, "script_fraction": 0.8}}
+        "hi": {"default": 0.90, "nll_change_gen": 0.10, "script_fraction": 0.8}}
+NATIVE_MARGINS = {"es": 0.05, "hi": 0.15}
 
 
 class SteerError(ValueError):
@@ -92,9 +95,15 @@ def _ablation_of(cfg: SteerAppConfig) -> str:
     return cfg.primary if cfg.primary in ABLATED_MODES else "foxp2"
 
 
-def _check_bars(target: str, metrics: dict, method: str) -> list[dict]:
+def _check_bars(target: str, metrics: dict, method: str, native: dict | None = None
+                ) -> list[dict]:
+    """The bars of ``method``'s metrics, set against the ``native`` row's metrics when given."""
     out = []
     for key, bound in BARS.get(target, {}).items():
+        if native is not None and key == "default" and target in NATIVE_MARGINS:
+            bound = round(native["default"]["mean"] - NATIVE_MARGINS[target], 4)
+        elif native is not None and key == "script_fraction" and key in native:
+            bound = round(native[key]["mean"], 4)
         value = metrics[key]["mean"]
         met = value >= bound if key in ("default", "script_fraction") else value <= bound
         rel = "≥" if key in ("default", "script_fraction") else "≤"
@@ -459,7 +468,8 @@ def assemble_report(run: SteerRun, splits: SteerSplits, reference: Reference, me
                     window: list[int], window_scan: list[dict]) -> dict:
     """report.json's content (steering.evaluate.report documents it)."""
     cfg, loc = run.cfg, run.loc
-    bars = _check_bars(cfg.target, methods[cfg.primary]["metrics"], cfg.primary) \
+    native = methods.get("native", {}).get("metrics")
+    bars = _check_bars(cfg.target, methods[cfg.primary]["metrics"], cfg.primary, native) \
         if cfg.primary in methods else []
     return {
         "target": cfg.target, "english": cfg.english, "model": run.info.name,
