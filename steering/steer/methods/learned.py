@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Sequence
 
 from steering.steer.artifact import SteeringArtifact
 from steering.steer.learned import HeldOutKL, LearnConfig, LearnedSteerError, learn_steer
@@ -32,16 +33,22 @@ SUPPORT_OF = {"foxp2_learned": "traced", "foxp2_learned_random": "random",
               "foxp2_learned_dense": "dense", "lineas": "dense"}
 
 
-def cache_sentences(cache_dir: str | Path, language: str, split: str) -> list[str]:
-    """Texts of ``language`` in ``split`` from the activation cache's documents.jsonl."""
+def cache_sentences(cache_dir: str | Path, languages: Sequence[str], split: str
+                    ) -> dict[str, list[str]]:
+    """Per language, its texts in ``split`` from the activation cache's documents.jsonl (the
+    file is read once for all of them)."""
     path = Path(cache_dir) / "documents.jsonl"
     if not path.is_file():
         raise LearnedSteerError(f"{path} is missing: the activation cache holds the corpus")
+    out: dict[str, list[str]] = {lang: [] for lang in languages}
     with path.open() as f:
-        rows = [json.loads(line) for line in f]
-    out = [r["text"] for r in rows if r.get("language") == language and r.get("split") == split]
-    if not out:
-        raise LearnedSteerError(f"no {language} documents of split {split!r} in {path}")
+        for line in f:
+            row = json.loads(line)
+            if row.get("split") == split and row.get("language") in out:
+                out[row["language"]].append(row["text"])
+    empty = [lang for lang, texts in out.items() if not texts]
+    if empty:
+        raise LearnedSteerError(f"no {empty} documents of split {split!r} in {path}")
     return out
 
 
@@ -61,8 +68,7 @@ def _inputs(request: BuildRequest):
     cfg = request.config
     tok = request.tokenizer
     layers = steer_layers(request)
-    discovery = {lang: cache_sentences(cfg.cache_dir, lang, "discovery")
-                 for lang in (cfg.target, cfg.english)}
+    discovery = cache_sentences(cfg.cache_dir, (cfg.target, cfg.english), "discovery")
     scales = neuron_scales(request.model, tok, discovery[cfg.target][:48]
                            + discovery[cfg.english][:48], layers)
     return cfg, tok, layers, discovery, scales
