@@ -48,11 +48,6 @@ def compose_config(app: App, *overrides: str, **values: Any) -> DictConfig:
     Works with or without an active Hydra run. ``sae-train``'s ``out_dir`` defaults to the run
     folder Hydra would create (``<paths.root>/train/<date>_<time>``).
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from sae_train.apps import config_dir
-
     if app == "cache":
         from sae_train.config import register_configs
 
@@ -63,16 +58,29 @@ def compose_config(app: App, *overrides: str, **values: Any) -> DictConfig:
         register_train_configs()
     else:
         raise ValueError(f"app={app!r}: use 'cache' (sae-cache) or 'train' (sae-train)")
+    cfg = compose_app(app, overrides, values)
+    if app == "train":
+        default_out_dir(cfg)
+    return cfg
+
+
+def compose_app(config_name: str, overrides: tuple[str, ...] | list[str],
+                values: dict[str, Any]) -> DictConfig:
+    """``conf/<config_name>.yaml`` composed with ``overrides``, then ``values`` set on it (its
+    schema registered by the caller); with or without an active Hydra run."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sae_train.apps import config_dir
+
     if GlobalHydra.instance().is_initialized():  # called from inside a Hydra app
-        cfg = compose(config_name=app, overrides=list(overrides))
+        cfg = compose(config_name=config_name, overrides=list(overrides))
     else:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose(config_name=app, overrides=list(overrides))
+            cfg = compose(config_name=config_name, overrides=list(overrides))
     for key, value in values.items():
         # merge=True: a dict updates the nested keys it names and leaves the others.
         OmegaConf.update(cfg, key, value, merge=True)
-    if app == "train":
-        default_out_dir(cfg)
     return cfg
 
 

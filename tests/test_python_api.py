@@ -11,10 +11,10 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationErr
 from sae_train import compose_config, train_saes
 
 
-def readme_example(repo_root) -> str:
+def readme_example(repo_root, name: str = "python-api-example") -> str:
     text = (repo_root / "README.md").read_text()
-    match = re.search(r"<!-- python-api-example[^>]*-->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README.md lost its python-api-example block"
+    match = re.search(rf"<!-- {name}[^>]*-->\s*```python\n(.*?)```", text, re.S)
+    assert match, f"README.md lost its {name} block"
     return match.group(1)
 
 
@@ -45,6 +45,18 @@ def test_readme_python_api_block_caches_and_trains(repo_root, tmp_path, monkeypa
     fvu = ((out - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
     assert fvu == pytest.approx(result.metrics["val/layers.1.resid/fvu"], rel=0.05)
 
+    # The steering block continues in the same folder and scope: localise, then steer.
+    exec(compile(readme_example(repo_root, "steering-api-example"),
+                 "README.md:steering-api-example", "exec"), scope)
+    summary, report, artifact = scope["summary"], scope["report"], scope["artifact"]
+    assert summary["window"]["layers"] == [1]
+    assert (tmp_path / "runs" / "localise-es" / "directions.safetensors").is_file()
+    assert set(report["methods"]) == {"none", "native", "foxp2_neurons", "caa_window"}
+    assert (tmp_path / "runs" / "steer-es" / "report" / "report.md").is_file()
+    assert artifact.method == "foxp2_neurons" and artifact.target == "es"
+    assert [e.layer for e in artifact.edits] == [1]
+    assert report["methods"]["none"]["metrics"]["n_prompts"] == 8
+
 
 def test_compose_config_outside_hydra(tmp_path):
     cfg = compose_config("train", "sae=relu", paths={"root": str(tmp_path)},
@@ -60,5 +72,13 @@ def test_compose_config_outside_hydra(tmp_path):
         compose_config("cache", cache={"batch_size": "many"})  # wrong type
     with pytest.raises(ValueError, match="use 'cache'"):
         compose_config("localise")
+    from steering.api import compose_config as compose_steering
+
+    loc = compose_steering("localise", "model=tiny_llama", lift={"n_prompts": 4})
+    assert loc.lift.n_prompts == 4 and loc.model.name == "tiny:llama"
+    with pytest.raises((ConfigAttributeError, ConfigKeyError)):
+        compose_steering("steer", tuning={"kl_budjet": 1.0})
+    with pytest.raises(ValueError, match="use 'localise'"):
+        compose_steering("cache")
     with pytest.raises(TypeError, match="either config="):
         train_saes("sae=relu", config=cfg)

@@ -21,8 +21,9 @@ from sae_train.corpora.embedded import load_embedded_corpus
 from sae_train.models.sites import decoder_layers
 from steering.steer.artifact import SteeringArtifact
 from steering.language.defaultness import DEFAULT_TEMPLATE, greedy_language_masses, left_pad
-from steering.steer.learned import (HeldOutKL, LearnConfig, LearnedSteerError, Support,
-                              TeacherExample, answer_nll, learn_steer, position_weights)
+from steering.steer.learned import (HeldOutKL, LearnConfig, LearnedSteerError, NeuronShift,
+                                     Support, TeacherExample, answer_nll, learn_steer,
+                                     position_weights)
 from steering.steer.runtime import steer
 from steering.language.token_sets import LanguageTokenSets
 
@@ -245,3 +246,29 @@ def test_lineas_matches_target_distribution_and_sparsifies(load_tiny):
                           LineasConfig(steps=40, lr=0.05, l1_weight=0.003, progress=False),
                           target_lang="es")
     assert sparse.n_nonzero < 0.25 * support.size < dense.n_nonzero
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_restricted_kl_matches_exact_kl_on_the_full_vocabulary_and_bounds_it(load_tiny, arch):
+    """HeldOutKL(top_k=V) restricts to every token: the same KL as the exact one; a small
+    top_k gives a KL on fewer rows, still ≥ 0 and of the same order, with no base forward."""
+    model, tokenizer, _ = load_tiny(arch)
+    model, teacher, sets, support, _ = _setup(model, tokenizer)
+    rows = [tokenizer(s)["input_ids"] for s in _spanish(len(TRAIN_PROMPTS) + 12)[-12:]]
+    steer_ = NeuronShift(support)
+    with torch.no_grad():
+        for p in steer_.theta.values():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    pick, pad = list(range(6)), tokenizer.pad_token_id or 0
+    exact = HeldOutKL(model, rows, pad_id=pad)
+    full = HeldOutKL(model, rows, pad_id=pad, top_k=len(tokenizer) + 10)
+    small = HeldOutKL(model, rows, pad_id=pad, top_k=4)
+    with torch.no_grad():
+        k_exact = float(exact(steer_, pick, "prompt_end", 2, 0.5))
+        k_full = float(full(steer_, pick, "prompt_end", 2, 0.5))
+        k_small = float(small(steer_, pick, "prompt_end", 2, 0.5))
+    assert full.vocab.numel() == model.get_output_embeddings().weight.shape[0]
+    assert k_full == pytest.approx(k_exact, rel=1e-4, abs=1e-6)
+    assert k_exact > 1e-3 and 0 <= k_small and small.vocab.numel() < full.vocab.numel()
+    with pytest.raises(LearnedSteerError, match="top_k"):
+        HeldOutKL(model, rows, pad_id=pad, top_k=0)

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from sae_train.apps import config_dir, report_user_errors
 from sae_train.cache.manifest import CacheError
 from sae_train.cache.reader import ActivationCache
+from sae_train.models.loading import resolve_precision
 from sae_train.models.sites import expand_site_patterns
 from sae_train.training.config import register_train_configs, validate_train_config
 from sae_train.training.fingerprint import check_resume
@@ -143,7 +144,9 @@ def build_training(cfg: DictConfig):
         extra = {"name": run_name(cfg, sites)} if "name" in cfg.logger and \
             cfg.logger.name is None else {}
         logger = instantiate(cfg.logger, **extra)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
+                                     precision=precision)
     if cfg.max_tokens is not None:
         tokens_per_step = cfg.loader.batch_size * trainer.world_size * \
             cfg.trainer.accumulate_grad_batches

@@ -46,6 +46,18 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return "float32"
 
 
+def resolve_precision(precision, accelerator: str = "auto"):
+    """Lightning's ``precision``, with ``auto`` → ``bf16-mixed`` where bf16 is computed in
+    hardware (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX) and ``32-true``
+    elsewhere (emulated bf16 on an AVX2-only CPU is several times slower than float32)."""
+    if precision != "auto":
+        return precision
+    gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if gpu:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

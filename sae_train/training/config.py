@@ -162,7 +162,8 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: Any = "auto"
-    # 32-true, bf16-mixed (autocast), 16-mixed, ...
+    # 32-true, bf16-mixed (autocast), 16-mixed, ..., or auto: bf16-mixed where the hardware
+    # computes bf16 (a bf16 GPU; a CPU with AVX512-BF16 or AMX), else 32-true.
     precision: Any = "32-true"
     max_steps: int = -1
     max_epochs: Optional[int] = 1

@@ -1,24 +1,30 @@
 """`foxp2-demo`: the whole pipeline in one command (Hydra app).
 
     foxp2-demo                                  # Gemma-3-270m, embedded corpus, es + hi, CPU
+    foxp2-demo compare=full                     # every baseline and ablation (conf/compare/)
     foxp2-demo 'targets=[hi]' force='[steer]'   # redo only Hindi's steer stage
-    foxp2-demo model=tiny_llama preset=tiny     # seconds-scale run on the tiny model (tests, CI)
+    foxp2-demo --config-name demo_tiny          # seconds-scale run on the tiny model (CI)
 
-Stages, each the real app run as a subprocess with the overrides of ``conf/demo.yaml`` (so each
-stage can be re-run alone with the same command line, printed before it starts)::
+Stages, each the real app with the overrides of ``conf/demo.yaml`` plus the ``compare`` choice
+(each stage's command line is printed before it starts, so it can be re-run alone)::
 
-    sae-cache      → <root>/demo/<model>/cache
-    sae-train      → <root>/demo/<model>/saes/layers.{i}.resid/    (every layer's SAE, one run)
-    foxp2-localise → <root>/demo/<model>/localise-<t>/              (per target)
-    foxp2-steer    → <root>/demo/<model>/steer-<t>/{artifacts,report}/
+    sae-cache      → <root>/demo/<model>/cache                      (subprocess)
+    sae-train      → <root>/demo/<model>/saes/layers.{i}.resid/    (subprocess; one run)
+    foxp2-localise → <root>/demo/<model>/localise-<t>/              (per target, in process)
+    foxp2-steer    → <root>/demo/<model>/steer-<t>/{artifacts,report}/   (per target, in process)
 
-A stage whose outputs exist is skipped (``force=[stage,…]`` redoes it); an interrupted stage
-resumes (the cache by shard, the steer stage by method). Wall time per stage is printed as a
-table at the end and written to ``<root>/demo/<model>/demo_summary.json``.
+The localise and steer stages run in this process through :mod:`steering.api` and share one
+loaded model (``in_process=false``: a subprocess each). A stage whose outputs exist is skipped
+(``force=[stage,…]`` redoes it); an interrupted stage resumes (the cache by shard, the steer
+stage by method). The end prints the wall time per stage and, per language, the headline FOXP2
+method next to the native row, the best baseline and the unsteered model, with the bars and
+where the steer, report and plots are; all of it is written to
+``<root>/demo/<model>/demo_summary.json``.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shlex
@@ -40,6 +46,19 @@ MODULES = {"cache": "sae_train.apps.cache_app", "train": "sae_train.apps.train_a
 
 
 @dataclass
+class CompareConfig:
+    """Which comparison the steer (and localise) stages run: a conf/compare/ choice,
+    ``compare=fast`` (default: the headline FOXP2 method, the strongest baseline, none and
+    native) or ``compare=full`` (every baseline and ablation, the frontier, plain greedy)."""
+
+    name: str = "fast"
+    # Hydra overrides appended to the steer stage's (after `steer`).
+    steer: list[str] = field(default_factory=list)
+    # Hydra overrides appended to the localise stage's (after `localise`).
+    localise: list[str] = field(default_factory=list)
+
+
+@dataclass
 class DemoAppConfig:
     # A conf/model/ choice, passed to every stage as model=<name>.
     model: str = "gemma3_270m"
@@ -50,10 +69,15 @@ class DemoAppConfig:
     train: list[str] = field(default_factory=list)
     localise: list[str] = field(default_factory=list)
     steer: list[str] = field(default_factory=list)
+    # The comparison (conf/compare/: fast or full), appended to the stages' overrides.
+    compare: CompareConfig = field(default_factory=CompareConfig)
     # Stages to recompute even when their outputs exist.
     force: list[str] = field(default_factory=list)
-    # Per-stage wall-clock limit in seconds (null: none).
+    # Per-stage wall-clock limit in seconds (null: none) of the stages run as subprocesses.
     stage_timeout: int | None = None
+    # Run localise and steer in this process with one shared model (false: each stage a
+    # subprocess of its app, as the printed command; slower by a model load per stage).
+    in_process: bool = True
 
     def __post_init__(self):
         bad = sorted(set(self.force) - set(STAGES))
@@ -117,25 +141,60 @@ def demo_plan(cfg, base: Path) -> list[Stage]:
         loc = base / f"localise-{t}"
         plan.append(Stage("localise", t, loc, [*common, f"target={t}", f"cache_dir={cache}",
                                                f"sae_dir={saes}", f"out_dir={loc}",
-                                               *cfg.localise]))
+                                               *cfg.localise, *cfg.compare.localise]))
         plan.append(Stage("steer", t, base / f"steer-{t}",
                           [*common, f"target={t}", f"cache_dir={cache}", f"localise_dir={loc}",
-                           f"out_dir={base / f'steer-{t}'}", *cfg.steer]))
+                           f"out_dir={base / f'steer-{t}'}", *cfg.steer,
+                           *cfg.compare.steer]))
     return plan
 
 
-def run_stage(cfg, stage: Stage, cache: Path, env: dict) -> dict:
-    """Run one stage as a subprocess (skipped when its outputs exist); its timing row."""
+APP_NAMES = {"cache": "sae-cache", "train": "sae-train", "localise": "foxp2-localise",
+             "steer": "foxp2-steer"}
+
+
+class SharedModel:
+    """The model the localise and steer stages share in this process: loaded once, on the
+    first stage that runs (a demo whose stages are all done loads nothing)."""
+
+    def __init__(self, model_overrides: list[str]):
+        self.overrides, self.bundle = model_overrides, None
+
+    def get(self) -> tuple:
+        if self.bundle is None:
+            from steering.api import load_model
+
+            self.bundle = load_model(*self.overrides)
+        return self.bundle
+
+
+def run_stage(cfg, stage: Stage, cache: Path, env: dict, shared: SharedModel | None = None
+              ) -> dict:
+    """Run one stage (skipped when its outputs exist); its timing row. sae-cache and sae-train
+    run as subprocesses; localise and steer run in this process through :mod:`steering.api`,
+    sharing one loaded model (the printed command redoes a stage alone)."""
     label = stage.label
     if stage.stage not in cfg.force and _done(stage.stage, stage.out, _cached_layers(cache)):
         print(f"[foxp2-demo] {label}: outputs exist in {stage.out}, skipped", flush=True)
         return {"stage": label, "seconds": 0.0, "skipped": True}
-    cmd = [sys.executable, "-c", f"from {MODULES[stage.stage]} import main; main()",
-           *stage.args]
+    args = list(stage.args)
     if stage.stage in ("localise", "steer") and stage.stage in cfg.force:
-        cmd.append("resume=false")
-    print(f"[foxp2-demo] {label}: {shlex.join(cmd[3:])}", flush=True)
+        args.append("resume=false")
+    print(f"[foxp2-demo] {label}: {APP_NAMES[stage.stage]} {shlex.join(args)}", flush=True)
     t0 = time.perf_counter()
+    if stage.stage in ("localise", "steer") and shared is not None:
+        from steering import api
+
+        run = api.localise if stage.stage == "localise" else api.steer_and_evaluate
+        try:
+            run(*args, model_bundle=shared.get())
+        except Exception as err:  # the stage's own error, then how to resume
+            raise SystemExit(f"[foxp2-demo] stage {label} failed ({type(err).__name__}: "
+                             f"{err}); re-run the same command to resume") from err
+        finally:
+            gc.collect()
+        return {"stage": label, "seconds": time.perf_counter() - t0, "skipped": False}
+    cmd = [sys.executable, "-c", f"from {MODULES[stage.stage]} import main; main()", *args]
     result = subprocess.run(cmd, env=env, timeout=cfg.stage_timeout)
     seconds = time.perf_counter() - t0
     if result.returncode != 0:
@@ -144,32 +203,80 @@ def run_stage(cfg, stage: Stage, cache: Path, env: dict) -> dict:
     return {"stage": label, "seconds": seconds, "skipped": False}
 
 
+def _row(name: str, role: str, result: dict) -> dict:
+    m = result["metrics"]
+    pick = lambda k: m.get(k, {}).get("mean") if isinstance(m.get(k), dict) else None  # noqa: E731
+    d = m["default"]
+    return {"method": name, "role": role, "default": d["mean"], "low": d.get("low"),
+            "high": d.get("high"), "relevance": pick("relevance"), "kl_gen": pick("kl_gen"),
+            "nll_change_gen": pick("nll_change_gen")}
+
+
+def best_baseline(report: dict) -> str | None:
+    """The steer with the highest DEFAULT other than the primary, among those within the KL
+    budget on the evaluation split (any, when none is)."""
+    steers = {n: r for n, r in report["methods"].items()
+              if n not in ("none", "native", report["primary"])}
+    within = {n: r for n, r in steers.items()
+              if (r["metrics"].get("kl_gen", {}).get("mean") or 0.0) <= report["kl_budget"]}
+    pool = within or steers
+    return max(pool, key=lambda n: pool[n]["metrics"]["default"]["mean"]) if pool else None
+
+
 def report_summary(base: Path, target: str) -> dict | None:
-    """The primary method's numbers from a target's report.json (None before it exists)."""
+    """A target's headline rows from its report.json (None before it exists): the native
+    reference, the primary (FOXP2's headline method), the best baseline, none."""
     rep = base / f"steer-{target}" / "report" / "report.json"
     if not rep.is_file():
         return None
     r = json.loads(rep.read_text())
-    p = r["methods"][r["primary"]]["metrics"]
-    return {"report": str(rep.with_suffix(".md")), "window": r["window"],
-            "primary": r["primary"], "default": p["default"]["mean"],
-            "nll_change_gen": p["nll_change_gen"]["mean"],
-            "native_default": r["methods"].get("native", {}).get("metrics", {})
+    methods, primary = r["methods"], r["primary"]
+    rows = []
+    if "native" in methods:
+        rows.append(_row("native", f"asked in {target}", methods["native"]))
+    rows.append(_row(primary, "FOXP2 (headline)", methods[primary]))
+    rival = best_baseline(r)
+    if rival is not None:
+        rows.append(_row(rival, "best baseline", methods[rival]))
+    rows.append(_row("none", "unsteered", methods["none"]))
+    p = methods[primary]["metrics"]
+    return {"report": str(rep.with_suffix(".md")), "window": r["window"], "primary": primary,
+            "default": p["default"]["mean"], "nll_change_gen": p["nll_change_gen"]["mean"],
+            "native_default": methods.get("native", {}).get("metrics", {})
             .get("default", {}).get("mean"),
-            "bars": r.get("bars", [])}
+            "rows": rows, "bars": r.get("bars", []),
+            "artifact": methods[primary].get("artifact"),
+            "plots": str(rep.parent / "plots"), "decoding": r.get("settings", {})
+            .get("evaluation", {})}
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 def print_summary(summary: dict) -> None:
+    """The stage times, then per language the table a person reads in ten seconds."""
+    from steering.evaluate.report import decoding_text
+
     print("\n[foxp2-demo] stage           seconds")
     for row in summary["stages"]:
         print(f"[foxp2-demo] {row['stage']:<15} {row['seconds']:8.1f}"
               f"{'  (skipped: outputs exist)' if row['skipped'] else ''}")
     print(f"[foxp2-demo] total           {summary['total_seconds']:8.1f}")
     for t, r in summary["reports"].items():
-        print(f"[foxp2-demo] {t}: window {r['window']}, {r['primary']} DEFAULT "
-              f"{r['default']:.2f}, ΔNLL(gen) {r['nll_change_gen']:+.3f}"
-              + ("" if r["native_default"] is None
-                 else f" (asked in {t}: {r['native_default']:.2f})") + f" → {r['report']}")
+        print(f"\n[foxp2-demo] en → {t} (evaluation split, {decoding_text(r['decoding'])}; "
+              "DEFAULT with its 95% CI)")
+        print(f"  {'method':<22}{'role':<18}{'DEFAULT':<20}{'relevant':>9}{'KL gen':>8}"
+              f"{'ΔNLL gen':>10}")
+        for row in r["rows"]:
+            ci = f"{row['default']:.2f} [{_fmt(row['low'], '.2f')}, {_fmt(row['high'], '.2f')}]"
+            print(f"  {row['method']:<22}{row['role']:<18}{ci:<20}"
+                  f"{_fmt(row['relevance'], '.2f'):>9}{_fmt(row['kl_gen'], '.3f'):>8}"
+                  f"{_fmt(row['nll_change_gen'], '+.3f'):>10}")
+        for b in r["bars"]:
+            print(f"  bar {'MET    ' if b['met'] else 'NOT MET'} {b['text']}")
+        print(f"  steer:  {r['artifact']}   (foxp2-generate artifact=<this folder> …)")
+        print(f"  report: {r['report']}   plots: {r['plots']}")
 
 
 def run_demo(cfg) -> dict:
@@ -181,7 +288,9 @@ def run_demo(cfg) -> dict:
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
     env.setdefault("WANDB_MODE", "offline")
     started = time.perf_counter()
-    timings = [run_stage(cfg, stage, base / "cache", env) for stage in demo_plan(cfg, base)]
+    shared = SharedModel([f"model={cfg.model}"]) if cfg.in_process else None
+    timings = [run_stage(cfg, stage, base / "cache", env, shared)
+               for stage in demo_plan(cfg, base)]
     total = time.perf_counter() - started
     summary = {"model": cfg.model, "targets": cfg.targets, "folder": str(base),
                "stages": timings, "total_seconds": total, "reports": {}}

@@ -46,6 +46,10 @@ class SteerTuningConfig:
     # window costs one tuning point per λ, so a short grid keeps the scan cheap; the chosen
     # window is then tuned on the full grid like every method.
     window_lams: Optional[list[float]] = None
+    # The method the window scan tunes. Null: the primary, unless the primary is trained
+    # (a learned steer: one training per candidate window), then foxp2_neurons, whose push on
+    # the same traced neurons is built in milliseconds.
+    window_method: Optional[str] = None
     # caa_layer's layer. Null: the localisation's best single-layer causal gain (a feature
     # push's gain, not CAA's). k: CAA is tuned (lams, same budget and objective) at the
     # analysed layers 0, k, 2k, … and at that layer, and the best layer wins (max objective
@@ -122,6 +126,10 @@ class SteerEvalConfig:
     # τ = this quantile of the native tuning answers' PMI.
     relevance_quantile: float = 0.05
     relevance_others: int = 4  # other questions each answer is compared against
+    # Also evaluate the final artifacts (and the none / native rows) under plain greedy
+    # decoding, at their tuned strengths with no re-tuning: report.json's "plain_greedy" and a
+    # second table in report.md. Ignored when the headline decoding is plain greedy already.
+    plain_greedy_table: bool = False
 
     def __post_init__(self):
         _check(self.no_repeat_ngram_size >= 0,
@@ -165,6 +173,10 @@ class SteerLearnConfig:
     # Prompt splits whose native answers teach the steer (never "evaluation").
     teacher_splits: list[str] = field(default_factory=lambda: ["discovery"])
     kl_sentences: int = 64  # discovery target sentences of the KL term
+    # The KL term on the union of the unsteered top-k next tokens of every position of those
+    # sentences, computed once (steering.steer.learned.HeldOutKL): a step costs about half.
+    # Null: the exact KL over the whole vocabulary, its unsteered half recomputed every step.
+    kl_top_k: Optional[int] = 64
     # γ candidates (tuned on the tuning split with the app's budget and objective).
     gammas: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5])
     # LinEAS: Adam steps, learning rate, L1 weight, random projections of the SW loss.
@@ -185,6 +197,8 @@ class SteerLearnConfig:
         _check(self.gammas and all(g > 0 for g in self.gammas),
                f"learn.gammas={self.gammas}: give positive strengths")
         _check(self.kl_sentences >= 1, f"learn.kl_sentences={self.kl_sentences}: must be ≥ 1")
+        _check(self.kl_top_k is None or self.kl_top_k >= 1,
+               f"learn.kl_top_k={self.kl_top_k}: must be ≥ 1 or null (the whole vocabulary)")
 
 
 @dataclass
@@ -253,6 +267,9 @@ class SteerAppConfig:
         _check(not unknown, f"methods: unknown {unknown}; use {list(REGISTRY)}")
         _check(self.primary in self.methods,
                f"primary={self.primary!r} is not among methods={self.methods}")
+        _check(self.tuning.window_method is None or self.tuning.window_method in REGISTRY,
+               f"tuning.window_method={self.tuning.window_method!r}: use one of "
+               f"{list(REGISTRY)} or null")
         unknown = sorted(set(self.frontier.methods) - set(self.methods))
         _check(not unknown, f"frontier.methods {unknown} are not among methods={self.methods}")
         _check(self.position in ("prompt_end", "all"),

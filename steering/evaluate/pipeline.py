@@ -171,7 +171,8 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
     window, window_scan = choose_steer_window(
         run.cfg.primary, request, tuner, window_width=run.cfg.tuning.window_width,
         window_stride=run.cfg.tuning.window_stride, window_lams=run.cfg.tuning.window_lams,
-        resume=run.cfg.resume, work=run.work, base_key=base_key)
+        resume=run.cfg.resume, work=run.work, base_key=base_key,
+        window_method=run.cfg.tuning.window_method)
     base_key["steer_window"] = window
     request = dataclasses.replace(request, window=window)
     for method in tqdm(run.cfg.methods, desc=f"methods ({run.cfg.target})",
@@ -179,7 +180,53 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
         methods[method] = steer_method(run, method, request, tuner, splits, reference, methods,
                                        content_key(method_key(run, base_key, method)))
     report = assemble_report(run, splits, reference, methods, window, window_scan)
+    greedy = plain_greedy_table(run, splits, methods, base_key)
+    if greedy is not None:
+        report["plain_greedy"] = greedy
     return write_steer_report(run, report)
+
+
+def plain_greedy_table(run: SteerRun, splits: SteerSplits, methods: dict, base_key: dict
+                       ) -> dict | None:
+    """The final artifacts under plain greedy decoding at their tuned strengths (evaluation
+    only, no re-tuning), beside the none and native rows decoded the same way
+    (``evaluation.plain_greedy_table``). The relevance threshold stays the one calibrated under
+    the headline decoding. Stored in work/plain_greedy.json and reused on re-run."""
+    ev = run.cfg.evaluation
+    if not ev.plain_greedy_table or (ev.repetition_penalty == 1.0
+                                     and ev.no_repeat_ngram_size == 0):
+        return None
+    steers = {m: r["artifact"] for m, r in methods.items() if r.get("artifact")}
+    key = content_key({**base_key, "plain_greedy": steers,
+                       "results": {m: r.get("describe") for m, r in methods.items()}})
+    done = run.work / "plain_greedy.json"
+    if run.cfg.resume and done.is_file():
+        stored = json.loads(done.read_text())
+        if stored.get("key") == key:
+            log.info("plain greedy table: reused %s", done)
+            return stored["table"]
+    greedy = dataclasses.replace(run, settings=dataclasses.replace(
+        run.settings, repetition_penalty=1.0, no_repeat_ngram_size=0))
+    log.info("plain greedy table: none, native and %d final artifacts, no re-tuning",
+             len(steers))
+    reference = evaluate_reference(greedy, splits)
+    rows = {"none": reference.metrics}
+    native = native_row(greedy, splits)
+    if native is not None:
+        rows["native"] = native["metrics"]
+    for method, folder in steers.items():
+        art = SteeringArtifact.load(folder)
+        rows[method], _ = evaluate_method(
+            run.model, run.tokenizer, art, target=run.cfg.target, english=run.cfg.english,
+            prompts=splits.eval_prompts, sentences=splits.eval_sents, token_sets=run.sets,
+            settings=greedy.settings, reference=reference.gens, reference_nll=reference.nll,
+            identifiers=run.identifiers, nll_offset=reference.nll_offset,
+            relevance=splits.relevance)
+        log.info("plain greedy: %s DEFAULT %.2f", method, rows[method]["default"]["mean"])
+    table = {"decoding": "greedy (repetition_penalty 1, no_repeat_ngram_size 0)",
+             "methods": rows}
+    done.write_text(json.dumps({"key": key, "table": table}, default=str))
+    return table
 
 
 def method_key(run: SteerRun, base_key: dict, method: str) -> dict:

@@ -44,10 +44,38 @@ def _guard_line(report: dict) -> str:
             "nats/token more than the unsteered continuation.")
 
 
+def decoding_text(evaluation: dict) -> str:
+    """The headline decoding in words, from the evaluation settings."""
+    penalty = evaluation.get("repetition_penalty", 1.0)
+    ngram = evaluation.get("no_repeat_ngram_size", 0)
+    extras = ([f"repetition penalty {penalty:g}"] if penalty != 1.0 else []) + \
+        ([f"no repeated {ngram}-gram (no_repeat_ngram_size={ngram})"] if ngram else [])
+    return "greedy" + (" with " + " and ".join(extras) if extras else "")
+
+
 def _decoding_line(report: dict) -> str:
-    penalty = report.get("settings", {}).get("evaluation", {}).get("repetition_penalty", 1.0)
-    return " Decoding: greedy." if penalty == 1.0 else \
-        f" Decoding: greedy with repetition penalty {penalty:g} (a departure from plain greedy)."
+    return f" Decoding: {decoding_text(report.get('settings', {}).get('evaluation', {}))}."
+
+
+# Columns of the plain-greedy table (a subset: the guards' verdicts and the fluency cost).
+GREEDY_COLUMNS = ("default", "relevance", "lid_full", "kl_gen", "nll_change_gen", "looping",
+                  "script_fraction")
+
+
+def _plain_greedy_table(report: dict) -> list[str]:
+    """The final artifacts re-evaluated under plain greedy (no re-tuning), when present."""
+    table = report.get("plain_greedy")
+    if not table:
+        return []
+    cols = [c for c in COLUMNS if c[0] in GREEDY_COLUMNS]
+    out = ["", "## Plain greedy (final artifacts, no re-tuning)", "",
+           f"Every steer at the strengths tuned under the headline decoding, decoded "
+           f"{table['decoding']}; the relevance threshold is the headline one.", "",
+           "| method | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, metrics in table["methods"].items():
+        out.append(f"| {name} | " + " | ".join(_cell(metrics.get(k, {}), fmt)
+                                                for k, _, fmt in cols) + " |")
+    return out
 
 
 def markdown(report: dict) -> str:
@@ -74,7 +102,7 @@ def markdown(report: dict) -> str:
                   f"{native['metrics']['n_prompts']} of the {report['n_prompts']} evaluation "
                   "prompts have a translation. Its DEFAULT is the most the guards allow this "
                   "model under this decoding."]
-    lines += _failure_table(report) + _scan_tables(report)
+    lines += _failure_table(report) + _plain_greedy_table(report) + _scan_tables(report)
     bars = report.get("bars")
     if bars:
         lines += ["", "## Bars", ""]

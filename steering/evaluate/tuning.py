@@ -98,14 +98,26 @@ def _scan_window(primary: str, request: BuildRequest, tuner: HarnessTuner, windo
             "localised": window == list(request.localisation.window)}
 
 
+def window_scan_method(primary: str, window_method: str | None) -> str:
+    """``window_method``, else the primary, unless the primary is trained (its registry entry
+    reads a config section, e.g. ``learn``): a learned steer would be trained once per
+    candidate window, so FOXP2's push on the same traced neurons stands in for it."""
+    if window_method is not None:
+        return window_method
+    return "foxp2_neurons" if method_spec(primary).config_section else primary
+
+
 def choose_steer_window(primary: str, request: BuildRequest, tuner: HarnessTuner, *,
                         window_width: int | None, window_stride: int,
                         window_lams: Sequence[float] | None, resume: bool, work: Path,
-                        base_key: dict) -> tuple[list[int], list[dict]]:
-    """Tune ``primary`` at every candidate window; the best (max ΔM within the KL budget, else
-    the smallest KL) is the steering window. Cached in work/window.json."""
+                        base_key: dict, window_method: str | None = None
+                        ) -> tuple[list[int], list[dict]]:
+    """Tune the scan's method (:func:`window_scan_method`) at every candidate window; the best
+    (max ΔM within the KL budget, else the smallest KL) is the steering window. Cached in
+    work/window.json."""
     loc = request.localisation
     cands = candidate_windows(loc, window_width, window_stride)
+    primary = window_scan_method(primary, window_method)
     if len(cands) == 1 or strengths_of(primary) == "none":
         return cands[0], []
     key = content_key({**base_key, "windows": cands, "primary": primary})

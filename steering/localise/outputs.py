@@ -57,8 +57,10 @@ def write_directions(path: Path, results: dict[int, LayerResult], window: list[i
     return path
 
 
-def write_plots(plots: Path, results: dict[int, LayerResult], choice: WindowChoice | None
-                ) -> dict[str, str]:
+def write_plots(plots: Path, results: dict[int, LayerResult], choice: WindowChoice | None,
+                per_layer: bool = True) -> dict[str, str]:
+    """The stage's PNGs; ``per_layer=False`` leaves out the per-layer selectivity-vs-lift
+    plots and the neuron spectra (the slow ones on an 18-layer model)."""
     from steering.localise import plots as P
 
     written: dict[str, str] = {}
@@ -67,12 +69,12 @@ def write_plots(plots: Path, results: dict[int, LayerResult], choice: WindowChoi
         written["spectra"] = str(P.plot_spectra(spectra, plots / "spectra.png"))
         written["eigengap_reff"] = str(P.plot_eigengap_reff(spectra, plots / "eigengap_reff.png"))
     neuron = {l: r.neuron_spectrum for l, r in results.items() if r.neuron_spectrum is not None}
-    if neuron:
+    if neuron and per_layer:
         written["neuron_spectra"] = str(P.plot_spectra(neuron, plots / "neuron_spectra.png"))
     if choice is not None:
         written["window_scores"] = str(P.plot_window_scores(choice, plots / "window_scores.png"))
     for layer, r in results.items():
-        if len(r.ranking.feature_ids):
+        if per_layer and len(r.ranking.feature_ids):
             out = plots / "selectivity_vs_lift" / f"layer_{layer}.png"
             written[f"selectivity_vs_lift/layer_{layer}"] = str(P.plot_selectivity_vs_lift(
                 r.ranking.selectivity, r.ranking.slope, out,

@@ -458,10 +458,11 @@ def write_outputs(cfg: LocaliseAppConfig, inputs: LocaliseInputs,
         files = {"summary": str(paths.loc / "summary.json"),
                  "layers": str(paths.loc / "layers.json"),
                  "token_sets": str(paths.loc / "token_sets.json"), "directions": str(directions)}
-        if cfg.plots:
+        if cfg.plots != "none":
             if paths.plots.is_dir():  # no stale plots of layers a previous run analysed
                 shutil.rmtree(paths.plots)
-            files["plots"] = write_plots(paths.plots, results, choice)
+            files["plots"] = write_plots(paths.plots, results, choice,
+                                         per_layer=cfg.plots == "all")
     return files
 
 

@@ -221,16 +221,22 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, 
     return ids, mask
 
 
-def _hidden_and_head(model):
+def _hidden_and_head(model, vocab: Optional[Tensor] = None):
     """(decoder body, a function hidden → logits) of an HF causal LM, so that the LM head
-    (262k rows on Gemma) runs on the scored positions only."""
+    (262k rows on Gemma) runs on the scored positions only, and on the rows ``vocab`` only
+    when given."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None) or \
         getattr(getattr(model.config, "text_config", None), "final_logit_softcapping", None)
 
     def logits(hidden: Tensor) -> Tensor:
-        out = head(hidden).float()
+        if vocab is None:
+            out = head(hidden).float()
+        else:
+            rows = vocab.to(head.weight.device)
+            bias = head.bias[rows] if getattr(head, "bias", None) is not None else None
+            out = torch.nn.functional.linear(hidden, head.weight[rows], bias).float()
         return torch.tanh(out / cap) * cap if cap else out
     return body, logits
 
@@ -271,19 +277,54 @@ def _nothing():
 
 class HeldOutKL:
     """KL(steered ‖ base) per token on target-language sentences, steered as in generation
-    (each sentence's first column standing for the prompt end). The unsteered log-probs are
-    recomputed for each batch (a forward without gradients): a cache keyed by the random
-    batches grew by a full-vocabulary tensor per step (12 GB on the demo model)."""
+    (each sentence's first column standing for the prompt end).
 
-    def __init__(self, model, sentences_ids: Sequence[Sequence[int]], pad_id: int):
+    ``top_k=None``: exact, over the whole vocabulary; the unsteered log-probs are recomputed
+    for each batch (a forward without gradients; a cache of full-vocabulary tensors grew to
+    12 GB on the demo model). ``top_k=k`` (the default of the apps): both distributions are
+    restricted to U, the union over every position of every sentence of the unsteered model's
+    top-k next tokens, and renormalised there; the unsteered restricted log-probs are computed
+    once. The LM head then runs on |U| rows instead of the vocabulary (262k on Gemma: the
+    largest cost of a training step), and no unsteered forward is repeated. What it leaves out
+    is mass the steer moves to tokens outside U; the exact KL of the final steer is measured
+    by the harness (KL gen) like every method's."""
+
+    def __init__(self, model, sentences_ids: Sequence[Sequence[int]], pad_id: int,
+                 top_k: Optional[int] = None, batch_size: int = 16):
         self.model = model
         self.rows = [list(s) for s in sentences_ids if len(s) >= 2]
         if not self.rows:
             raise LearnedSteerError("no held-out target sentence has two or more tokens")
-        self.pad_id = pad_id
+        if top_k is not None and top_k < 1:
+            raise LearnedSteerError(f"top_k={top_k}: must be ≥ 1 (or None: the full vocabulary)")
+        self.pad_id, self.top_k = pad_id, top_k
+        self.vocab: Optional[Tensor] = None  # U (sorted token ids) when restricted
+        self.base_rows: list[Tensor] = []  # per sentence (its scored positions, |U|) log-probs
+        if top_k is not None:
+            self._restrict(batch_size)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @torch.no_grad()
+    def _restrict(self, batch_size: int) -> None:
+        """U from the unsteered top-k of every position, and the base log-probs on U."""
+        chunks = [list(range(i, min(i + batch_size, len(self.rows))))
+                  for i in range(0, len(self.rows), batch_size)]
+        top = set()
+        for idx in chunks:
+            ids, mask, _ = self.batch(idx)
+            logits = self._logits(ids, mask)
+            top.update(logits.topk(min(self.top_k, logits.shape[-1]), -1).indices.flatten()
+                       .tolist())
+        self.vocab = torch.tensor(sorted(top), dtype=torch.long)
+        for idx in chunks:
+            ids, mask, _ = self.batch(idx)
+            flat = self._logits(ids, mask, self.vocab).log_softmax(-1)
+            counts = mask.sum(-1).tolist()
+            self.base_rows.extend(flat.split(counts))
+        log.info("held-out KL on %d sentences restricted to %d tokens (the unsteered top-%d of "
+                 "every position)", len(self.rows), len(self.vocab), self.top_k)
 
     def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
         ids, mask = right_pad([self.rows[i] for i in indices], self.pad_id)
@@ -291,18 +332,26 @@ class HeldOutKL:
         ends = torch.zeros(len(indices), dtype=torch.long)
         return ids, mask, ends
 
-    def log_probs(self, ids: Tensor, mask: Tensor) -> Tensor:
+    def _logits(self, ids: Tensor, mask: Tensor, vocab: Optional[Tensor] = None) -> Tensor:
+        """Logits of every valid position (rows in order), over ``vocab`` or all tokens."""
         device = next(self.model.parameters()).device
-        body, to_logits = _hidden_and_head(self.model)
+        body, to_logits = _hidden_and_head(self.model, vocab)
         hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device),
                       use_cache=False).last_hidden_state
-        return to_logits(hidden[mask.to(device).bool()]).log_softmax(-1)
+        return to_logits(hidden[mask.to(device).bool()])
+
+    def log_probs(self, ids: Tensor, mask: Tensor) -> Tensor:
+        return self._logits(ids, mask, self.vocab).log_softmax(-1)
 
     def __call__(self, steer: NeuronShift, indices: Sequence[int], position: str,
                  decode_steps: int, sustain: float) -> Tensor:
         ids, mask, ends = self.batch(indices)
-        with torch.no_grad():
-            base = self.log_probs(ids, mask)
+        if self.vocab is None:
+            with torch.no_grad():
+                base = self.log_probs(ids, mask)
+        else:
+            base = torch.cat([self.base_rows[i] for i in indices]).to(
+                next(self.model.parameters()).device)
         weights = position_weights(ends, ids.shape[1], position, decode_steps, sustain)
         with shifted(self.model, steer, weights):
             logp = self.log_probs(ids, mask)

@@ -100,7 +100,7 @@ def build_learned(request: BuildRequest, method: str) -> SteeringArtifact:
                                     "provides them)")
         kl_text = HeldOutKL(request.model, [tok(t)["input_ids"] for t in
                                             discovery[cfg.target][48:48 + learn.kl_sentences]],
-                            pad_id=pad)
+                            pad_id=pad, top_k=learn.kl_top_k)
         result = learn_steer(
             request.model, support, request.teacher(), kl_text,
             LearnConfig(steps=learn.steps, lr=learn.lr, batch_size=learn.batch_size,
