@@ -234,7 +234,8 @@ def method_key(run: SteerRun, base_key: dict, method: str) -> dict:
     config section its registry entry names (e.g. ``learn`` for the learned steers)."""
     section = method_spec(method).config_section
     extra = {section: dataclasses.asdict(getattr(run.cfg, section))} if section else {}
-    return {**base_key, "method": method, **extra}
+    return {**base_key, "method": method, "with_frontier": method in run.cfg.frontier.methods,
+            **extra}
 
 
 def start_run(cfg: SteerAppConfig, model_bundle: tuple | None) -> SteerRun:
@@ -325,7 +326,9 @@ def result_key(run: SteerRun) -> dict:
             .get("created"), "window": run.loc.window,
             "settings": _without_defaults(dataclasses.asdict(run.settings)),
             "tuning": dataclasses.asdict(cfg.tuning), "eval": _method_eval_key(cfg.evaluation),
-            "frontier": dataclasses.asdict(cfg.frontier), "position": cfg.position,
+            # which methods get a frontier is each method's own key (method_key)
+            "frontier": {k: v for k, v in dataclasses.asdict(cfg.frontier).items()
+                         if k != "methods"}, "position": cfg.position,
             "decode_steps": cfg.decode_steps, "sustain": cfg.sustain, "seed": cfg.seed,
             "primary": cfg.primary}
 
@@ -551,7 +554,7 @@ def _method_eval_key(ev) -> dict:
     """The evaluation settings a method's stored result depends on (the native reference's
     keys do not: changing them must not re-run every method)."""
     key = _without_defaults(dataclasses.asdict(ev))
-    for name in ("native_reference", "native_template"):
+    for name in ("native_reference", "native_template", "plain_greedy_table"):
         key.pop(name, None)
     return key
 
