@@ -11,7 +11,8 @@ itself and the parts above it; tests/test_steering_layout.py checks it)::
     evaluate/   tuning and scoring on held-out splits: judge, harness, native row, report;
                 the foxp2-steer orchestrator (tuning is an evaluation on the tuning split)
     apps/       the Hydra entry points (foxp2-localise, -steer, -generate, -demo), with
-                steering/config.py (both apps' schemas) and this file on top
+                steering/config.py (both apps' schemas), steering/api.py (the stages as Python
+                functions) and this file on top
 
 A stage reads the previous stage's files (localise writes ``directions.safetensors``; steer
 reads it through :class:`steering.steer.localisation.Localisation`), never its later ones.

@@ -46,9 +46,9 @@ class SteerTuningConfig:
     # window costs one tuning point per λ, so a short grid keeps the scan cheap; the chosen
     # window is then tuned on the full grid like every method.
     window_lams: Optional[list[float]] = None
-    # The method the window scan tunes. Null: the primary, unless the primary is trained
-    # (a learned steer: one training per candidate window), then foxp2_neurons, whose push on
-    # the same traced neurons is built in milliseconds.
+    # The method the window scan tunes. Null: the primary, unless the primary is trained (a
+    # learned steer: one training per candidate window); then caa_window when it is among the
+    # methods (the window is the strongest rival's choice), else foxp2_neurons.
     window_method: Optional[str] = None
     # caa_layer's layer. Null: the localisation's best single-layer causal gain (a feature
     # push's gain, not CAA's). k: CAA is tuned (lams, same budget and objective) at the

@@ -172,7 +172,7 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
         run.cfg.primary, request, tuner, window_width=run.cfg.tuning.window_width,
         window_stride=run.cfg.tuning.window_stride, window_lams=run.cfg.tuning.window_lams,
         resume=run.cfg.resume, work=run.work, base_key=base_key,
-        window_method=run.cfg.tuning.window_method)
+        window_method=run.cfg.tuning.window_method, methods=run.cfg.methods)
     base_key["steer_window"] = window
     request = dataclasses.replace(request, window=window)
     for method in tqdm(run.cfg.methods, desc=f"methods ({run.cfg.target})",
@@ -234,8 +234,7 @@ def method_key(run: SteerRun, base_key: dict, method: str) -> dict:
     config section its registry entry names (e.g. ``learn`` for the learned steers)."""
     section = method_spec(method).config_section
     extra = {section: dataclasses.asdict(getattr(run.cfg, section))} if section else {}
-    return {**base_key, "method": method, "with_frontier": method in run.cfg.frontier.methods,
-            **extra}
+    return {**base_key, "method": method, **extra}
 
 
 def start_run(cfg: SteerAppConfig, model_bundle: tuple | None) -> SteerRun:
@@ -326,9 +325,7 @@ def result_key(run: SteerRun) -> dict:
             .get("created"), "window": run.loc.window,
             "settings": _without_defaults(dataclasses.asdict(run.settings)),
             "tuning": dataclasses.asdict(cfg.tuning), "eval": _method_eval_key(cfg.evaluation),
-            # which methods get a frontier is each method's own key (method_key)
-            "frontier": {k: v for k, v in dataclasses.asdict(cfg.frontier).items()
-                         if k != "methods"}, "position": cfg.position,
+            "position": cfg.position,
             "decode_steps": cfg.decode_steps, "sustain": cfg.sustain, "seed": cfg.seed,
             "primary": cfg.primary}
 
@@ -414,19 +411,37 @@ def steer_method(run: SteerRun, method: str, request: BuildRequest, tuner: Harne
     """One method's result: reused from work/, shared with the primary, or tuned and evaluated
     (and stored in work/ under ``key``)."""
     done, art_dir = run.work / f"{method}.json", run.out / "artifacts" / method
-    stored = stored_result(run, method, done, art_dir, key)
-    if stored is not None:
-        return stored
-    t0 = time.perf_counter()
-    same = _same_as_primary(method, run.cfg, methods)
-    if same is not None:
-        result = share_primary_result(run, method, build(method, request), same, art_dir,
-                                      splits, t0)
-    else:
-        result = tune_and_evaluate(run, method, request, tuner, splits, reference, art_dir,
-                                   t0)
-    done.write_text(json.dumps({"key": key, "result": result}, default=str))
+    result = stored_result(run, method, done, art_dir, key)
+    if result is None:
+        t0 = time.perf_counter()
+        same = _same_as_primary(method, run.cfg, methods)
+        if same is not None:
+            result = share_primary_result(run, method, build(method, request), same, art_dir,
+                                          t0)
+        else:
+            result = tune_and_evaluate(run, method, request, tuner, splits, reference,
+                                       art_dir, t0)
+        done.write_text(json.dumps({"key": key, "result": result}, default=str))
+    result.pop("frontier", None)
+    if method in run.cfg.frontier.methods:
+        result["frontier"] = stored_frontier(run, method, art_dir, splits, key)
     return result
+
+
+def stored_frontier(run: SteerRun, method: str, art_dir: Path, splits: SteerSplits,
+                    key: str) -> list[dict]:
+    """The method's γ sweep (frontier subset), kept in work/<method>.frontier.json beside its
+    result, so that a run with another ``frontier.methods`` reuses the methods themselves."""
+    done = run.work / f"{method}.frontier.json"
+    fkey = content_key({"method": key, "frontier": dataclasses.asdict(run.cfg.frontier)
+                        | {"methods": None}})
+    if run.cfg.resume and done.is_file():
+        stored = json.loads(done.read_text())
+        if stored.get("key") == fkey:
+            return stored["frontier"]
+    points = method_frontier(run, SteeringArtifact.load(art_dir), splits)
+    done.write_text(json.dumps({"key": fkey, "frontier": points}))
+    return points
 
 
 def stored_result(run: SteerRun, method: str, done: Path, art_dir: Path, key: str
@@ -441,7 +456,7 @@ def stored_result(run: SteerRun, method: str, done: Path, art_dir: Path, key: st
 
 
 def share_primary_result(run: SteerRun, method: str, art: SteeringArtifact, same: dict,
-                         art_dir: Path, splits: SteerSplits, t0: float) -> dict:
+                         art_dir: Path, t0: float) -> dict:
     """Proven identical: the primary tuned β = 0, so this λ-only ablation walks the same λ
     line, picks the same λ and evaluates the same edit; its artifact is saved, the result
     shared."""
@@ -455,10 +470,7 @@ def share_primary_result(run: SteerRun, method: str, art: SteeringArtifact, same
     art.save(art_dir, model=run.model, tokenizer=run.tokenizer)
     result = {**same, "tuning": points, "artifact": str(art_dir), "describe": art.describe(),
               "same_as": cfg.primary, "seconds": time.perf_counter() - t0}
-    if method not in cfg.frontier.methods:
-        result.pop("frontier", None)
-    elif "frontier" not in result:
-        result["frontier"] = method_frontier(run, art, splits)
+    result.pop("frontier", None)
     log.info("%s: identical to %s (its tuned β = 0); result shared", method, cfg.primary)
     return result
 
@@ -487,8 +499,6 @@ def tune_and_evaluate(run: SteerRun, method: str, request: BuildRequest, tuner: 
               "tuning": [p.to_dict() for p in points], "tuning_met_budget": ok,
               "artifact": str(art_dir), "describe": art.describe(),
               "seconds": time.perf_counter() - t0, **tuned.record}
-    if method in cfg.frontier.methods:
-        result["frontier"] = method_frontier(run, art, splits)
     log.info("%s (λ=%g, β=%g%s): DEFAULT %.2f, ΔM %+.3f, KL_gen %.3f, ΔNLL_gen %+.3f, "
              "%.0f s", method, art.lam, art.beta, "" if ok else ", KL budget NOT met",
              metrics["default"]["mean"], metrics["delta_m"]["mean"],

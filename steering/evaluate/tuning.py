@@ -98,26 +98,31 @@ def _scan_window(primary: str, request: BuildRequest, tuner: HarnessTuner, windo
             "localised": window == list(request.localisation.window)}
 
 
-def window_scan_method(primary: str, window_method: str | None) -> str:
+def window_scan_method(primary: str, window_method: str | None,
+                       methods: Sequence[str] = ()) -> str:
     """``window_method``, else the primary, unless the primary is trained (its registry entry
     reads a config section, e.g. ``learn``): a learned steer would be trained once per
-    candidate window, so FOXP2's push on the same traced neurons stands in for it."""
+    candidate window. Then the window goes to the strongest windowed baseline, caa_window when
+    the run has it (the window is chosen for the rival, not for FOXP2), else FOXP2's push on
+    the same traced neurons."""
     if window_method is not None:
         return window_method
-    return "foxp2_neurons" if method_spec(primary).config_section else primary
+    if not method_spec(primary).config_section:
+        return primary
+    return "caa_window" if "caa_window" in methods else "foxp2_neurons"
 
 
 def choose_steer_window(primary: str, request: BuildRequest, tuner: HarnessTuner, *,
                         window_width: int | None, window_stride: int,
                         window_lams: Sequence[float] | None, resume: bool, work: Path,
-                        base_key: dict, window_method: str | None = None
-                        ) -> tuple[list[int], list[dict]]:
+                        base_key: dict, window_method: str | None = None,
+                        methods: Sequence[str] = ()) -> tuple[list[int], list[dict]]:
     """Tune the scan's method (:func:`window_scan_method`) at every candidate window; the best
     (max ΔM within the KL budget, else the smallest KL) is the steering window. Cached in
     work/window.json."""
     loc = request.localisation
     cands = candidate_windows(loc, window_width, window_stride)
-    primary = window_scan_method(primary, window_method)
+    primary = window_scan_method(primary, window_method, methods)
     if len(cands) == 1 or strengths_of(primary) == "none":
         return cands[0], []
     key = content_key({**base_key, "windows": cands, "primary": primary})
