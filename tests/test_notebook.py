@@ -227,3 +227,34 @@ def test_learned_methods_through_the_steer_app(tiny_demo_run, foxp2_cache_root, 
     assert (out / "work" / "teacher.json").is_file()
     md = (out / "report" / "report.md").read_text()
     assert "relevant" in md and "| lineas |" in md
+
+
+def test_demo_rerun_skips_or_resumes_the_steer_stage(tiny_demo_run, foxp2_cache_root,
+                                                      repo_root):
+    """The same command skips every stage; another comparison (other steer overrides) reruns
+    the steer stage, which reuses every method it finished; the final table names FOXP2's
+    headline method, the native row and the unsteered model."""
+    root = tiny_demo_run.parents[1]
+    cmd = [sys.executable, "-c", "from steering.apps.demo_app import main; main()",
+           "--config-name", "demo_tiny", f"root={root}"]
+    same = subprocess.run(cmd, env=_env(foxp2_cache_root), cwd=repo_root, capture_output=True,
+                          text=True, timeout=600)
+    out = same.stdout + same.stderr
+    assert same.returncode == 0, out[-4000:]
+    skipped = {l for l in out.splitlines() if l.endswith(", skipped")}
+    assert len(skipped) == 4, out[-4000:]
+    other = subprocess.run([*cmd, "compare.steer=['wandb.enabled=false']"],
+                           env=_env(foxp2_cache_root), cwd=repo_root, capture_output=True,
+                           text=True, timeout=600)
+    out = other.stdout + other.stderr
+    assert other.returncode == 0, out[-4000:]
+    skipped = {l for l in out.splitlines() if l.endswith(", skipped")}
+    assert "steer-es: foxp2-steer" in out and len(skipped) == 3, out[-4000:]
+    report = json.loads((tiny_demo_run / "steer-es" / "report" / "report.json").read_text())
+    steers = [m for m in report["methods"] if m not in ("none", "native")]
+    assert all(f"{m}: reused" in out for m in steers), out[-4000:]
+    summary = json.loads((tiny_demo_run / "demo_summary.json").read_text())["reports"]["es"]
+    roles = {row["role"] for row in summary["rows"]}
+    assert {"FOXP2 (headline)", "unsteered"} <= roles
+    assert summary["rows"][0]["method"] in ("native", report["primary"])
+    assert "en → es" in out and "FOXP2 (headline)" in out

@@ -107,6 +107,16 @@ def _done(stage: str, out: Path, n_layers: int | None = None) -> bool:
     return (out / "report" / "report.json").is_file()
 
 
+STAGE_ARGS = "demo_stage_args.json"  # the overrides a finished steer stage ran with
+
+
+def _steer_done_with(out: Path, args: list[str]) -> bool:
+    """A steer stage counts as done only for the overrides it ran with: another comparison
+    (``compare=full`` after ``compare=fast``) reruns it, resuming every method it finished."""
+    record = out / STAGE_ARGS
+    return record.is_file() and json.loads(record.read_text()) == list(args)
+
+
 def _cached_layers(cache: Path) -> int | None:
     m = cache / "manifest.json"
     if not m.is_file():
@@ -174,7 +184,9 @@ def run_stage(cfg, stage: Stage, cache: Path, env: dict, shared: SharedModel | N
     run as subprocesses; localise and steer run in this process through :mod:`steering.api`,
     sharing one loaded model (the printed command redoes a stage alone)."""
     label = stage.label
-    if stage.stage not in cfg.force and _done(stage.stage, stage.out, _cached_layers(cache)):
+    done = _done(stage.stage, stage.out, _cached_layers(cache)) and (
+        stage.stage != "steer" or _steer_done_with(stage.out, stage.args))
+    if stage.stage not in cfg.force and done:
         print(f"[foxp2-demo] {label}: outputs exist in {stage.out}, skipped", flush=True)
         return {"stage": label, "seconds": 0.0, "skipped": True}
     args = list(stage.args)
@@ -193,14 +205,15 @@ def run_stage(cfg, stage: Stage, cache: Path, env: dict, shared: SharedModel | N
                              f"{err}); re-run the same command to resume") from err
         finally:
             gc.collect()
-        return {"stage": label, "seconds": time.perf_counter() - t0, "skipped": False}
-    cmd = [sys.executable, "-c", f"from {MODULES[stage.stage]} import main; main()", *args]
-    result = subprocess.run(cmd, env=env, timeout=cfg.stage_timeout)
-    seconds = time.perf_counter() - t0
-    if result.returncode != 0:
-        raise SystemExit(f"[foxp2-demo] stage {label} failed (exit {result.returncode}); "
-                         f"re-run the same command to resume")
-    return {"stage": label, "seconds": seconds, "skipped": False}
+    else:
+        cmd = [sys.executable, "-c", f"from {MODULES[stage.stage]} import main; main()", *args]
+        result = subprocess.run(cmd, env=env, timeout=cfg.stage_timeout)
+        if result.returncode != 0:
+            raise SystemExit(f"[foxp2-demo] stage {label} failed (exit {result.returncode}); "
+                             f"re-run the same command to resume")
+    if stage.stage == "steer":
+        (stage.out / STAGE_ARGS).write_text(json.dumps(list(stage.args)))
+    return {"stage": label, "seconds": time.perf_counter() - t0, "skipped": False}
 
 
 def _row(name: str, role: str, result: dict) -> dict:
