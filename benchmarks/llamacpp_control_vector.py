@@ -203,14 +203,14 @@ def main() -> None:
 
     def hf(steered: bool) -> list[str]:
         outs = []
-        for t in texts:
-            batch = tokenizer([t], return_tensors="pt")
+        for start in range(0, len(texts), 16):  # left-padded batches, greedy
+            batch = tokenizer(texts[start:start + 16], return_tensors="pt", padding=True)
             ctx = steer(model, art) if steered else torch.no_grad()
             with ctx, torch.no_grad():
                 ids = model.generate(**batch, max_new_tokens=args.max_new_tokens,
                                      do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            outs.append(tokenizer.decode(ids[0, batch["input_ids"].shape[1]:],
-                                         skip_special_tokens=True))
+            outs += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:],
+                                           skip_special_tokens=True)
         return outs
 
     rows, conts = {}, {}
