@@ -258,3 +258,44 @@ def test_demo_rerun_skips_or_resumes_the_steer_stage(tiny_demo_run, foxp2_cache_
     assert {"FOXP2 (headline)", "unsteered"} <= roles
     assert summary["rows"][0]["method"] in ("native", report["primary"])
     assert "en → es" in out and "FOXP2 (headline)" in out
+
+
+def test_plain_greedy_table_and_window_scan_of_a_learned_primary(tiny_demo_run, tmp_path):
+    """evaluation.plain_greedy_table re-evaluates the final artifacts under plain greedy (no
+    re-tuning) beside none and native; with a learned primary the window scan is CAA's (no
+    training per candidate window); a second run with another frontier.methods reuses every
+    method and adds the frontier from its own file."""
+    from steering.api import steer_and_evaluate
+
+    out = tmp_path / "steer-greedy"
+    common = dict(cache_dir=str(tiny_demo_run / "cache"),
+                  localise_dir=str(tiny_demo_run / "localise-es"), out_dir=str(out),
+                  primary="foxp2_learned", tuning={"n_prompts": 6, "n_sentences": 6,
+                                                   "lams": [1.0, 4.0], "window_width": 2,
+                                                   "window_stride": 2, "window_lams": [4.0]},
+                  evaluation={"n_prompts": 8, "n_sentences": 6, "max_new_tokens": 12,
+                              "n_boot": 100, "no_repeat_ngram_size": 3,
+                              "plain_greedy_table": True},
+                  learn={"steps": 4, "judge_teacher": False, "kl_sentences": 8,
+                         "gammas": [0.5, 1.0]},
+                  num_threads=1, progress=False, wandb={"enabled": False})
+    methods = ["foxp2_learned", "caa_window"]
+    report = steer_and_evaluate("model=tiny_llama", "target=es", methods=methods,
+                                frontier={"methods": []}, **common)
+    table = report["plain_greedy"]
+    assert set(table["methods"]) == {"none", "native", *methods}
+    for metrics in table["methods"].values():
+        assert 0 <= metrics["default"]["mean"] <= 1 and metrics["n_prompts"] == 8
+    assert "no_repeat_ngram_size" not in table["decoding"] or "0" in table["decoding"]
+    assert "## Plain greedy" in (out / "report" / "report.md").read_text()
+    scan = json.loads((out / "work" / "window.json").read_text())
+    assert scan["scan"] and report["window"] == scan["window"]
+    assert report["methods"]["caa_window"]["artifact"]
+    # another frontier list: both methods reused, the frontier computed and stored beside them
+    again = steer_and_evaluate("model=tiny_llama", "target=es", methods=methods,
+                               frontier={"methods": ["caa_window"], "n_prompts": 4,
+                                         "n_sentences": 4, "gammas": [1.0]}, **common)
+    assert again["methods"]["foxp2_learned"]["metrics"]["default"] == \
+        report["methods"]["foxp2_learned"]["metrics"]["default"]
+    assert (out / "work" / "caa_window.frontier.json").is_file()
+    assert [p["gamma"] for p in again["frontier"]["caa_window"]] == [1.0]
