@@ -89,3 +89,15 @@ def test_dtype_auto_follows_the_hardware():
     assert resolve_dtype("float16", cpu) == "float16"
     with pytest.raises(ValueError, match="auto"):
         resolve_dtype("fp8", cpu)
+
+
+def test_resolve_precision_auto_follows_the_hardware(monkeypatch):
+    """trainer.precision=auto: bf16-mixed where bf16 is native, 32-true elsewhere; other
+    values pass through unchanged."""
+    from sae_train.models import loading
+
+    assert loading.resolve_precision("16-mixed", "cpu") == "16-mixed"
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
+    assert loading.resolve_precision("auto", "cpu") == "bf16-mixed"
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
+    assert loading.resolve_precision("auto", "cpu") == "32-true"

@@ -116,3 +116,13 @@ def test_a_learned_methods_stored_result_depends_on_the_learn_settings():
             for name in ("foxp2_neurons", "foxp2_learned")}
     assert keys["foxp2_neurons"][0] == keys["foxp2_neurons"][1]
     assert keys["foxp2_learned"][0] != keys["foxp2_learned"][1]
+
+
+def test_localise_plots_setting_reads_booleans_and_refuses_other_values():
+    from steering.localise.config import LocaliseConfigError, LocaliseAppConfig
+
+    assert LocaliseAppConfig(plots="summary").plots == "summary"
+    assert LocaliseAppConfig(plots=True).plots == "all"
+    assert LocaliseAppConfig(plots="false").plots == "none"
+    with pytest.raises(LocaliseConfigError, match="plots='some'"):
+        LocaliseAppConfig(plots="some")

@@ -308,21 +308,23 @@ class HeldOutKL:
 
     @torch.no_grad()
     def _restrict(self, batch_size: int) -> None:
-        """U from the unsteered top-k of every position, and the base log-probs on U."""
-        chunks = [list(range(i, min(i + batch_size, len(self.rows))))
-                  for i in range(0, len(self.rows), batch_size)]
-        top = set()
-        for idx in chunks:
-            ids, mask, _ = self.batch(idx)
-            logits = self._logits(ids, mask)
+        """U from the unsteered top-k of every position, and the base log-probs on U (one
+        forward per batch: the valid positions' hidden states are kept for the second step)."""
+        body, full = _hidden_and_head(self.model)
+        device = next(self.model.parameters()).device
+        top, hiddens, counts = set(), [], []
+        for start in range(0, len(self.rows), batch_size):
+            ids, mask, _ = self.batch(range(start, min(start + batch_size, len(self.rows))))
+            hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device),
+                          use_cache=False).last_hidden_state[mask.to(device).bool()]
+            logits = full(hidden)
             top.update(logits.topk(min(self.top_k, logits.shape[-1]), -1).indices.flatten()
                        .tolist())
+            hiddens.append(hidden)
+            counts += mask.sum(-1).tolist()
         self.vocab = torch.tensor(sorted(top), dtype=torch.long)
-        for idx in chunks:
-            ids, mask, _ = self.batch(idx)
-            flat = self._logits(ids, mask, self.vocab).log_softmax(-1)
-            counts = mask.sum(-1).tolist()
-            self.base_rows.extend(flat.split(counts))
+        _, restricted = _hidden_and_head(self.model, self.vocab)
+        self.base_rows = list(restricted(torch.cat(hiddens)).log_softmax(-1).split(counts))
         log.info("held-out KL on %d sentences restricted to %d tokens (the unsteered top-%d of "
                  "every position)", len(self.rows), len(self.vocab), self.top_k)
 
