@@ -180,14 +180,14 @@ def run_steer(cfg, model_bundle: tuple | None = None) -> dict:
         methods[method] = steer_method(run, method, request, tuner, splits, reference, methods,
                                        content_key(method_key(run, base_key, method)))
     report = assemble_report(run, splits, reference, methods, window, window_scan)
-    greedy = plain_greedy_table(run, splits, methods, base_key)
+    greedy = plain_greedy_table(run, splits, methods, base_key, reference)
     if greedy is not None:
         report["plain_greedy"] = greedy
     return write_steer_report(run, report)
 
 
-def plain_greedy_table(run: SteerRun, splits: SteerSplits, methods: dict, base_key: dict
-                       ) -> dict | None:
+def plain_greedy_table(run: SteerRun, splits: SteerSplits, methods: dict, base_key: dict,
+                       headline: Reference) -> dict | None:
     """The final artifacts under plain greedy decoding at their tuned strengths (evaluation
     only, no re-tuning), beside the none and native rows decoded the same way
     (``evaluation.plain_greedy_table``). The relevance threshold stays the one calibrated under
@@ -209,7 +209,7 @@ def plain_greedy_table(run: SteerRun, splits: SteerSplits, methods: dict, base_k
         run.settings, repetition_penalty=1.0, no_repeat_ngram_size=0))
     log.info("plain greedy table: none, native and %d final artifacts, no re-tuning",
              len(steers))
-    reference = evaluate_reference(greedy, splits)
+    reference = evaluate_reference(greedy, splits, headline.nll_offset)
     rows = {"none": reference.metrics}
     native = native_row(greedy, splits)
     if native is not None:
@@ -300,10 +300,13 @@ def nll_guard_offset(run: SteerRun, splits: SteerSplits) -> float:
     return offset
 
 
-def evaluate_reference(run: SteerRun, splits: SteerSplits) -> Reference:
-    """The unsteered model on the evaluation split, and its continuations' NLL."""
+def evaluate_reference(run: SteerRun, splits: SteerSplits, nll_offset: float | None = None
+                       ) -> Reference:
+    """The unsteered model on the evaluation split, and its continuations' NLL (the NLL guard's
+    language offset is measured unless given: it does not depend on the decoding)."""
     cfg = run.cfg
-    nll_offset = nll_guard_offset(run, splits)
+    if nll_offset is None:
+        nll_offset = nll_guard_offset(run, splits)
     metrics, gens = evaluate_method(run.model, run.tokenizer, None, target=cfg.target,
                                     english=cfg.english, prompts=splits.eval_prompts,
                                     sentences=splits.eval_sents, token_sets=run.sets,
