@@ -457,3 +457,37 @@ def test_the_harness_decodes_with_the_settings_repetition_penalty(planted):
     for row, expected in zip(gens.new_ids, ref.tolist()):
         cut = next((i for i, t in enumerate(expected) if t == eos), len(expected))
         assert row == expected[:cut]
+
+
+def test_default_objective_applies_the_relevance_guard(planted):
+    """With a relevance check the tuning DEFAULT is the guarded rate times the guard's verdict
+    (PMI ≥ τ) of the same generations: τ = −∞ changes nothing, τ = +∞ zeroes every point."""
+    from steering.evaluate.harness import guarded_default
+    from steering.evaluate.judge import identifiers_for
+    from steering.evaluate.relevance import RelevanceCheck, RelevanceSettings, relevance_pmi
+
+    model, tokenizer, sets, direction = planted
+    settings = EvalSettings(max_new_tokens=8, batch_size=4,
+                            guards=FluencyGuards(max_nll_increase=None))
+    art = _artifact(direction)
+    kw = dict(prompts=PROMPTS, sentences=SENTENCES, token_sets=sets, kl_budget=10.0,
+              lams=[0.0, 1.0], betas=[0.0], settings=settings, objective="default")
+    check = lambda tau: RelevanceCheck(tau, settings.template,  # noqa: E731
+                                       RelevanceSettings(n_others=2, max_tokens=8))
+    _, plain, _ = tune_strengths(model, tokenizer, art, "lam", **kw)
+    _, open_guard, _ = tune_strengths(model, tokenizer, art, "lam",
+                                      relevance=check(float("-inf")), **kw)
+    assert [p.default for p in open_guard] == [p.default for p in plain]
+    _, shut, _ = tune_strengths(model, tokenizer, art, "lam", relevance=check(float("inf")),
+                                **kw)
+    assert all(p.default == 0 for p in shut)
+    # an intermediate τ: the verdicts of relevance_pmi on the same generations
+    cand = art.with_strengths(lam=1.0, beta=0.0, gamma=1.0)
+    gens = generate(model, tokenizer, PROMPTS, cand, sets, "es", settings=settings)
+    pmi = relevance_pmi(model, tokenizer, PROMPTS, gens.new_ids, settings.template,
+                        RelevanceSettings(n_others=2, max_tokens=8), settings.batch_size)
+    tau = float(np.nanmedian(pmi))
+    _, mid, _ = tune_strengths(model, tokenizer, art, "lam", relevance=check(tau), **kw)
+    expected = guarded_default(gens, "es", identifiers_for("es"), settings.guards,
+                               np.array([float(v >= tau) for v in pmi]))
+    assert mid[-1].default == pytest.approx(expected)

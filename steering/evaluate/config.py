@@ -62,7 +62,8 @@ class SteerTuningConfig:
     stop_over_budget: bool = True
     # What a method's tuning maximises within the budget: "delta_m" (DESIGN: mean ΔM over the
     # first T steps) or "default" (a departure: the guarded DEFAULT rate of full-length
-    # generations, ties by ΔM, so a push that loops is not chosen; a full decode per point).
+    # generations, ties by ΔM, so a push that loops is not chosen; a full decode per point;
+    # with evaluation.relevance on, the relevance guard too, as the reported DEFAULT).
     # The window scan always ranks by ΔM.
     objective: str = "delta_m"
 
@@ -167,6 +168,11 @@ class SteerLearnConfig:
     # Teacher answer tokens scored per example.
     max_answer_tokens: int = 24
     init: str = "zero"  # "zero" or "contrast" (the FOXP2 push, in std units)
+    # μ of the relevance hinge (steering.steer.learned.relevance_hinge): each teacher answer
+    # must stay at least relevance_margin nats/token cheaper after its own question than after
+    # another one, under the steer. 0: off.
+    relevance_weight: float = 0.0
+    relevance_margin: float = 0.5
     # Keep only native answers the harness's judge accepts (False: every non-empty one; for
     # models too small to pass the judge, such as the tiny test models).
     judge_teacher: bool = True

@@ -405,14 +405,23 @@ class TuningPoint:
 TUNING_OBJECTIVES = ("delta_m", "default")
 
 
-def guarded_default(gens: Generations, target: str, identifiers, guards: FluencyGuards
-                    ) -> float:
+def guarded_default(gens: Generations, target: str, identifiers, guards: FluencyGuards,
+                    relevant: np.ndarray | None = None) -> float:
     """Fraction of continuations with ΔM > 0, the head identified as ``target`` and every
-    fluency guard passed but the NLL one (it needs the unsteered continuation's NLL)."""
+    fluency guard passed but the NLL one (it needs the unsteered continuation's NLL); with
+    ``relevant`` (one 0/1 per continuation: the relevance guard's verdict), also relevant."""
     js = [judge_continuation(h, f, target, identifiers, guards)
           for h, f in zip(gens.heads, gens.fulls)]
-    return float(np.mean([dm > 0 and j.is_target_head and j.fluent
-                          for dm, j in zip(gens.delta_m, js)]))
+    ok = np.array([dm > 0 and j.is_target_head and j.fluent for dm, j in zip(gens.delta_m, js)],
+                  dtype=float)
+    return float(np.mean(ok if relevant is None else ok * relevant))
+
+
+def relevant_mask(model, tokenizer, relevance, prompts: Sequence[str], gens: Generations,
+                  batch_size: int) -> np.ndarray:
+    """1 where the relevance guard passes the continuation (PMI ≥ τ), else 0."""
+    pmi = relevance.pmi(model, tokenizer, prompts, gens.new_ids, batch_size)
+    return np.array([float(np.isfinite(v) and v >= relevance.tau) for v in pmi])
 
 
 def strength_grid(tuned: str, lams: Sequence[float], betas: Sequence[float]
@@ -434,7 +443,8 @@ def tune_strengths(model, tokenizer, artifact: SteeringArtifact, tuned: str, *,
                    token_sets: LanguageTokenSets, kl_budget: float, lams: Sequence[float],
                    betas: Sequence[float], settings: EvalSettings,
                    stop_over_budget: bool = True, objective: str = "delta_m",
-                   identifiers=None) -> tuple[SteeringArtifact, list[TuningPoint], bool]:
+                   identifiers=None, relevance=None
+                   ) -> tuple[SteeringArtifact, list[TuningPoint], bool]:
     """(λ, β) by maximum mean ΔM on tuning prompts subject to mean KL_gen ≤ ``kl_budget`` on
     tuning target sentences. Returns the tuned artifact, the grid points measured, and whether
     any point met the budget (if none did, the smallest-KL point is taken).
@@ -442,7 +452,9 @@ def tune_strengths(model, tokenizer, artifact: SteeringArtifact, tuned: str, *,
     ``objective="default"`` (a departure from DESIGN's "maximum ΔM"): each point also
     generates ``settings.max_new_tokens`` tokens and is ranked by :func:`guarded_default`
     (ties by ΔM), so a push that wins ΔM over the first T steps but then loops is not chosen.
-    It costs a full-length decode per point instead of T steps.
+    It costs a full-length decode per point instead of T steps. With ``relevance`` (a
+    :class:`steering.evaluate.relevance.RelevanceCheck`) the rate also needs the relevance
+    guard, as the reported DEFAULT does (one more teacher-forced scoring per point).
 
     ``stop_over_budget``: along λ at a fixed β (along β for a β-only method) the first point
     over the budget ends that line: the push only grows, and so does its KL (monotone in every
@@ -469,8 +481,12 @@ def tune_strengths(model, tokenizer, artifact: SteeringArtifact, tuned: str, *,
         gens = generate(model, tokenizer, prompts, cand, token_sets, artifact.target,
                         artifact.english, settings,
                         max_new_tokens=settings.max_new_tokens if full else settings.steps)
-        default = guarded_default(gens, artifact.target, identifiers, settings.guards) \
-            if full else None
+        default = None
+        if full:
+            relevant = None if relevance is None else relevant_mask(
+                model, tokenizer, relevance, prompts, gens, settings.batch_size)
+            default = guarded_default(gens, artifact.target, identifiers, settings.guards,
+                                      relevant)
         points.append(TuningPoint(lam, beta, float(gens.delta_m.mean()), kl_mean,
                                   kl_mean <= kl_budget, default))
         if not points[-1].within_budget:

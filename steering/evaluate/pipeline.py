@@ -396,7 +396,9 @@ def calibrate_relevance(run: SteerRun) -> RelevanceCheck | None:
                         ev.batch_size)
     tau = calibrate_threshold(pmi, ev.relevance_quantile)
     table = load_prompt_translations(cfg.target)
-    questions = {p.text: table[p.id] for p in load_embedded_prompts(["evaluation"])
+    # each English prompt's question in the target language, for the evaluation split and
+    # for the tuning split (the "default" tuning objective applies the guard there)
+    questions = {p.text: table[p.id] for p in load_embedded_prompts(["tuning", "evaluation"])
                  if p.id in table}
     log.info("relevance guard: τ = %.3f nats/token (the %g quantile of %d native tuning "
              "answers' PMI, median %.3f)", tau, ev.relevance_quantile, len(texts),
@@ -406,7 +408,8 @@ def calibrate_relevance(run: SteerRun) -> RelevanceCheck | None:
 
 def harness_tuner(run: SteerRun, splits: SteerSplits) -> HarnessTuner:
     return HarnessTuner(run.model, run.tokenizer, splits.tune_prompts, splits.tune_sents,
-                        run.sets, run.settings, run.identifiers, run.cfg.tuning)
+                        run.sets, run.settings, run.identifiers, run.cfg.tuning,
+                        relevance=splits.relevance)
 
 
 def steer_method(run: SteerRun, method: str, request: BuildRequest, tuner: HarnessTuner,

@@ -44,6 +44,8 @@ class HarnessTuner:
     settings: EvalSettings
     identifiers: Any
     config: Any  # steering.evaluate.config.SteerTuningConfig
+    # The relevance guard, applied by the "default" objective (None: not applied).
+    relevance: Any = None
 
     def tune(self, artifact: SteeringArtifact, strengths: str) -> Tuned:
         cfg = self.config
@@ -52,7 +54,8 @@ class HarnessTuner:
                                          token_sets=self.token_sets, kl_budget=cfg.kl_budget,
                                          lams=cfg.lams, betas=cfg.betas, settings=self.settings,
                                          stop_over_budget=cfg.stop_over_budget,
-                                         objective=cfg.objective, identifiers=self.identifiers)
+                                         objective=cfg.objective, identifiers=self.identifiers,
+                                         relevance=self.relevance)
         return Tuned(art, points, ok)
 
     def best(self, points: Sequence[TuningPoint]) -> TuningPoint:

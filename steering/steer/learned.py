@@ -15,6 +15,7 @@ Objective, on discovery/tuning prompts only (never the evaluation split)::
 
     L(θ) = NLL_w(teacher answer | English prompt; steer θ)        (the model's own native answer)
          + κ · KL(steered ‖ base) on held-out target-language text  (fluency in the target)
+         + μ · mean_i max(0, m − PMI_i(θ))                           (relevance; off by default)
          + ρ · Σ |θ|                                                 (sparsity; proximal step)
 
 - The **teacher answer** is what the unsteered model answers when asked in the target language
@@ -26,6 +27,12 @@ Objective, on discovery/tuning prompts only (never the evaluation split)::
 - The **KL** term steers held-out target sentences exactly as in generation (each sentence's
   first token standing for the prompt end) and keeps their next-token distributions where the
   unsteered model has them.
+- The **relevance** hinge (``relevance_weight`` μ > 0): PMI_i = NLL(a_i | q_j) − NLL(a_i | q_i)
+  under the steer (nats/token, q_j the next example's prompt in the batch): the steered,
+  English-prompt analogue of what the evaluation's relevance guard thresholds (the guard
+  scores with the unsteered model, questions in the target language). The answer NLL alone also rewards target-language
+  text that fits any question; the hinge asks each teacher answer to stay ``relevance_margin``
+  cheaper after its own question than after another.
 - The **L1** term is applied as a proximal (soft-threshold) step after each Adam step, so
   amplitudes reach exactly zero and the artifact keeps only the neurons that matter.
 
@@ -69,6 +76,8 @@ class LearnConfig:
     l1_weight: float = 0.002  # ρ (loss per unit of θ; applied in Adam's metric)
     max_answer_tokens: int = 24
     init: str = "zero"  # "zero" or "contrast" (start from the FOXP2 push, in std units)
+    relevance_weight: float = 0.0  # μ of the relevance hinge (0: off)
+    relevance_margin: float = 0.5  # m (nats/token)
     seed: int = 0
     progress: bool = True
 
@@ -76,7 +85,9 @@ class LearnConfig:
         checks = {"steps": self.steps >= 1, "lr": self.lr > 0, "batch_size": self.batch_size >= 1,
                   "first_tokens": self.first_tokens >= 0, "first_weight": self.first_weight > 0,
                   "kl_weight": self.kl_weight >= 0, "l1_weight": self.l1_weight >= 0,
-                  "max_answer_tokens": self.max_answer_tokens >= 1}
+                  "max_answer_tokens": self.max_answer_tokens >= 1,
+                  "relevance_weight": self.relevance_weight >= 0,
+                  "relevance_margin": self.relevance_margin >= 0}
         for name, ok in checks.items():
             if not ok or not math.isfinite(float(getattr(self, name))):
                 raise LearnedSteerError(f"learn.{name}={getattr(self, name)!r} is out of range")
@@ -241,14 +252,16 @@ def _hidden_and_head(model, vocab: Optional[Tensor] = None):
     return body, logits
 
 
-def answer_nll(model, steer: Optional[NeuronShift], batch: Sequence[TeacherExample],
-               cfg: LearnConfig, position: str, decode_steps: int, sustain: float,
-               pad_id: int) -> Tensor:
-    """Weighted teacher-forced NLL (nats/token) of the answers given the English prompts."""
-    seqs = [ex.prompt_ids + ex.answer_ids[:cfg.max_answer_tokens] for ex in batch]
+def token_nll(model, steer: Optional[NeuronShift], batch: Sequence[TeacherExample],
+              cfg: LearnConfig, position: str, decode_steps: int, sustain: float, pad_id: int,
+              prompts: Optional[Sequence[Sequence[int]]] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(nll, row, weight) of every scored answer token, teacher-forced after its prompt
+    (``prompts``: other prompt ids in place of each example's own, for the relevance term)."""
+    heads = [list(p) for p in prompts] if prompts is not None else [ex.prompt_ids for ex in batch]
+    seqs = [head + ex.answer_ids[:cfg.max_answer_tokens] for head, ex in zip(heads, batch)]
     ids, mask = right_pad(seqs, pad_id)
     device = next(model.parameters()).device
-    ends = torch.tensor([len(ex.prompt_ids) - 1 for ex in batch])
+    ends = torch.tensor([len(head) - 1 for head in heads])
     body, to_logits = _hidden_and_head(model)
     weights = position_weights(ends, ids.shape[1], position, decode_steps, sustain)
     ctx = shifted(model, steer, weights) if steer is not None else _nothing()
@@ -263,11 +276,42 @@ def answer_nll(model, steer: Optional[NeuronShift], batch: Sequence[TeacherExamp
             cols.append(int(ends[b]) + j)  # column predicting answer token j
             targets.append(ex.answer_ids[j])
             tok_w.append(cfg.first_weight if j < cfg.first_tokens else 1.0)
-    picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+    row = torch.tensor(rows, device=device)
+    picked = hidden[row, torch.tensor(cols, device=device)]
     logp = to_logits(picked).log_softmax(-1)
     nll = -logp.gather(-1, torch.tensor(targets, device=device)[:, None]).squeeze(-1)
-    w = torch.tensor(tok_w, device=device)
+    return nll, row, torch.tensor(tok_w, device=device)
+
+
+def answer_nll(model, steer: Optional[NeuronShift], batch: Sequence[TeacherExample],
+               cfg: LearnConfig, position: str, decode_steps: int, sustain: float,
+               pad_id: int) -> Tensor:
+    """Weighted teacher-forced NLL (nats/token) of the answers given the English prompts."""
+    nll, _, w = token_nll(model, steer, batch, cfg, position, decode_steps, sustain, pad_id)
     return (nll * w).sum() / w.sum()
+
+
+def per_answer_mean(nll: Tensor, row: Tensor, n: int) -> Tensor:
+    """(n,) mean NLL per token of each answer (unweighted, as the relevance guard scores)."""
+    total = torch.zeros(n, device=nll.device, dtype=nll.dtype).index_add(0, row, nll)
+    count = torch.zeros(n, device=nll.device, dtype=nll.dtype).index_add(
+        0, row, torch.ones_like(nll))
+    return total / count.clamp_min(1)
+
+
+def relevance_hinge(model, steer: NeuronShift, batch: Sequence[TeacherExample], cfg: LearnConfig,
+                    own_nll: Tensor, own_row: Tensor, position: str, decode_steps: int,
+                    sustain: float, pad_id: int) -> Tensor:
+    """mean_i max(0, m − PMI_i) under the steer, PMI_i = NLL(a_i | q_{i+1}) − NLL(a_i | q_i)
+    (nats/token; each answer after the next example's prompt): the steered answer must stay
+    cheaper after its own question than after another one, by ``relevance_margin``. The
+    answer NLL alone also rewards generic target-language text that fits any question."""
+    n = len(batch)
+    others = [batch[(i + 1) % n].prompt_ids for i in range(n)]
+    other_nll, other_row, _ = token_nll(model, steer, batch, cfg, position, decode_steps,
+                                        sustain, pad_id, prompts=others)
+    pmi = per_answer_mean(other_nll, other_row, n) - per_answer_mean(own_nll, own_row, n)
+    return torch.relu(cfg.relevance_margin - pmi).mean()
 
 
 @contextmanager
@@ -433,16 +477,23 @@ def learn_steer(model, support: Support, teacher: Sequence[TeacherExample],
         for step in bar:
             pick = torch.randint(len(teacher), (min(cfg.batch_size, len(teacher)),),
                                  generator=generator).tolist()
-            nll = answer_nll(model, steer, [teacher[i] for i in pick], cfg, position,
-                             decode_steps, sustain, pad_id)
+            batch = [teacher[i] for i in pick]
+            tokens, row, w = token_nll(model, steer, batch, cfg, position, decode_steps,
+                                       sustain, pad_id)
+            nll = (tokens * w).sum() / w.sum()
+            hinge = torch.zeros((), device=device)
+            if cfg.relevance_weight > 0 and len(batch) > 1:
+                hinge = relevance_hinge(model, steer, batch, cfg, tokens, row, position,
+                                        decode_steps, sustain, pad_id)
             kl = torch.zeros((), device=device)
             if cfg.kl_weight > 0:
                 rows = torch.randint(len(held_out), (min(cfg.batch_size, len(held_out)),),
                                      generator=generator).tolist()
                 kl = held_out(steer, rows, position, decode_steps, sustain)
-            proximal_step(opt, steer, nll + cfg.kl_weight * kl, cfg.l1_weight)
+            proximal_step(opt, steer, nll + cfg.kl_weight * kl + cfg.relevance_weight * hinge,
+                          cfg.l1_weight)
             history.append({"step": step, "nll": float(nll.detach()), "kl": float(kl.detach()),
-                            "nonzero": steer.n_nonzero()})
+                            "hinge": float(hinge.detach()), "nonzero": steer.n_nonzero()})
             bar.set_postfix(nll=f"{history[-1]['nll']:.3f}", kl=f"{history[-1]['kl']:.3f}",
                             nz=history[-1]["nonzero"])
     return finish(steer, history, started, asdict(cfg), kind="learn", provenance=provenance,

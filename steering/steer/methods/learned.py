@@ -107,7 +107,9 @@ def build_learned(request: BuildRequest, method: str) -> SteeringArtifact:
                         first_tokens=learn.first_tokens, first_weight=learn.first_weight,
                         kl_weight=learn.kl_weight, l1_weight=learn.l1_weight,
                         max_answer_tokens=learn.max_answer_tokens, init=learn.init,
-                        seed=request.seed, progress=cfg.progress),
+                        relevance_weight=learn.relevance_weight,
+                        relevance_margin=learn.relevance_margin, seed=request.seed,
+                        progress=cfg.progress),
             target=cfg.target, english=cfg.english, **common)
     log.info("%s: %d of %d neurons non-zero after %.0f s", method, result.n_nonzero,
              result.support_size, result.seconds)
