@@ -30,9 +30,11 @@ Objective, on discovery/tuning prompts only (never the evaluation split)::
 - The **relevance** hinge (``relevance_weight`` μ > 0): PMI_i = NLL(a_i | q_j) − NLL(a_i | q_i)
   under the steer (nats/token, q_j the next example's prompt in the batch): the steered,
   English-prompt analogue of what the evaluation's relevance guard thresholds (the guard
-  scores with the unsteered model, questions in the target language). The answer NLL alone also rewards target-language
-  text that fits any question; the hinge asks each teacher answer to stay ``relevance_margin``
-  cheaper after its own question than after another.
+  scores with the unsteered model, questions in the target language). The answer NLL alone
+  also rewards target-language text that fits any question; the hinge asks each teacher
+  answer to stay ``relevance_margin`` cheaper after its own question than after another. On
+  the demo model it did not help (docs/results.md, "Hindi's relevance wall"): the native
+  answers' PMI under the steer is already above the margin; relevance is lost in generation.
 - The **L1** term is applied as a proximal (soft-threshold) step after each Adam step, so
   amplitudes reach exactly zero and the artifact keeps only the neurons that matter.
 
@@ -299,9 +301,9 @@ def per_answer_mean(nll: Tensor, row: Tensor, n: int) -> Tensor:
     return total / count.clamp_min(1)
 
 
-def relevance_hinge(model, steer: NeuronShift, batch: Sequence[TeacherExample], cfg: LearnConfig,
-                    own_nll: Tensor, own_row: Tensor, position: str, decode_steps: int,
-                    sustain: float, pad_id: int) -> Tensor:
+def relevance_hinge(model, steer: Optional[NeuronShift], batch: Sequence[TeacherExample],
+                    cfg: LearnConfig, own_nll: Tensor, own_row: Tensor, position: str,
+                    decode_steps: int, sustain: float, pad_id: int) -> Tensor:
     """mean_i max(0, m − PMI_i) under the steer, PMI_i = NLL(a_i | q_{i+1}) − NLL(a_i | q_i)
     (nats/token; each answer after the next example's prompt): the steered answer must stay
     cheaper after its own question than after another one, by ``relevance_margin``. The
