@@ -187,7 +187,8 @@ def test_position_weights_follow_the_runtime():
 
 
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(lr=-1.0), dict(init="ones"),
-                                 dict(kl_weight=float("nan"))])
+                                 dict(kl_weight=float("nan")), dict(relevance_weight=-1.0),
+                                 dict(relevance_margin=float("inf"))])
 def test_bad_learn_config_is_a_clear_error(bad):
     with pytest.raises(LearnedSteerError, match=next(iter(bad))):
         LearnConfig(**bad)

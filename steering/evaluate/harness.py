@@ -344,7 +344,7 @@ def _relevance_guard(model, tokenizer, relevance, prompts, gens: Generations,
     if relevance is None:
         return default, {}
     pmi = relevance.pmi(model, tokenizer, prompts, gens.new_ids, settings.batch_size)
-    relevant = np.array([float(np.isfinite(v) and v >= relevance.tau) for v in pmi])
+    relevant = relevance.passes(pmi)
     failures["relevance"] = float(1 - relevant.mean()) if len(relevant) else 0.0
     ci = lambda v: bootstrap_ci(v, n_boot=settings.n_boot, seed=settings.seed)  # noqa: E731
     return default * relevant, {"relevance": wilson_ci(relevant), "relevance_pmi": ci(pmi),
@@ -417,13 +417,6 @@ def guarded_default(gens: Generations, target: str, identifiers, guards: Fluency
     return float(np.mean(ok if relevant is None else ok * relevant))
 
 
-def relevant_mask(model, tokenizer, relevance, prompts: Sequence[str], gens: Generations,
-                  batch_size: int) -> np.ndarray:
-    """1 where the relevance guard passes the continuation (PMI ≥ τ), else 0."""
-    pmi = relevance.pmi(model, tokenizer, prompts, gens.new_ids, batch_size)
-    return np.array([float(np.isfinite(v) and v >= relevance.tau) for v in pmi])
-
-
 def strength_grid(tuned: str, lams: Sequence[float], betas: Sequence[float]
                   ) -> list[tuple[float, float]]:
     """The (λ, β) points of a method's tuning grid: for each β, λ ascending (the order
@@ -483,8 +476,8 @@ def tune_strengths(model, tokenizer, artifact: SteeringArtifact, tuned: str, *,
                         max_new_tokens=settings.max_new_tokens if full else settings.steps)
         default = None
         if full:
-            relevant = None if relevance is None else relevant_mask(
-                model, tokenizer, relevance, prompts, gens, settings.batch_size)
+            relevant = None if relevance is None else relevance.passes(relevance.pmi(
+                model, tokenizer, prompts, gens.new_ids, settings.batch_size))
             default = guarded_default(gens, artifact.target, identifiers, settings.guards,
                                       relevant)
         points.append(TuningPoint(lam, beta, float(gens.delta_m.mean()), kl_mean,

@@ -82,6 +82,10 @@ class RelevanceCheck:
         return relevance_pmi(model, tokenizer, asked, answers, self.template, self.settings,
                              batch_size)
 
+    def passes(self, pmi: Sequence[float]) -> np.ndarray:
+        """The guard's verdict per answer: 1.0 where PMI ≥ τ, else 0.0 (NaN: an empty answer)."""
+        return np.array([float(np.isfinite(v) and v >= self.tau) for v in pmi])
+
 
 def calibrate_threshold(native_pmi: Sequence[float], quantile: float) -> float:
     """τ: the ``quantile`` of the native answers' PMI (NaNs dropped)."""

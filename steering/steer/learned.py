@@ -290,7 +290,12 @@ def answer_nll(model, steer: Optional[NeuronShift], batch: Sequence[TeacherExamp
                pad_id: int) -> Tensor:
     """Weighted teacher-forced NLL (nats/token) of the answers given the English prompts."""
     nll, _, w = token_nll(model, steer, batch, cfg, position, decode_steps, sustain, pad_id)
-    return (nll * w).sum() / w.sum()
+    return weighted_mean(nll, w)
+
+
+def weighted_mean(nll: Tensor, weight: Tensor) -> Tensor:
+    """The answer NLL of the objective: token NLLs averaged with their position weights."""
+    return (nll * weight).sum() / weight.sum()
 
 
 def per_answer_mean(nll: Tensor, row: Tensor, n: int) -> Tensor:
@@ -482,7 +487,7 @@ def learn_steer(model, support: Support, teacher: Sequence[TeacherExample],
             batch = [teacher[i] for i in pick]
             tokens, row, w = token_nll(model, steer, batch, cfg, position, decode_steps,
                                        sustain, pad_id)
-            nll = (tokens * w).sum() / w.sum()
+            nll = weighted_mean(tokens, w)
             hinge = torch.zeros((), device=device)
             if cfg.relevance_weight > 0 and len(batch) > 1:
                 hinge = relevance_hinge(model, steer, batch, cfg, tokens, row, position,
