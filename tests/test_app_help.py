@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,26 @@ def test_every_app_help_lists_groups_and_keys(repo_root):
     assert "  sae.tied=false  (bool)" in relu
     assert not any(line.startswith("  sae.k=") for line in relu)
     assert "  sae             batchtopk, jumprelu, *relu, topk" in relu
+
+
+def test_console_scripts_ask_for_huge_pages_unless_the_user_chose(repo_root):
+    """sae_train.apps.entry sets THP_MEM_ALLOC_ENABLE=1 for torch's CPU allocator before the
+    app imports torch, keeps a value the user set, and every console script goes through it."""
+    from sae_train.apps import entry
+
+    code = ("import os, sys; from sae_train.apps.entry import prepare_process; "
+            "prepare_process(); print(os.environ.get('THP_MEM_ALLOC_ENABLE'), "
+            "'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env["PYTHONPATH"] = str(repo_root)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == (["1", "False"] if sys.platform.startswith("linux") else ["None", "False"])
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", "False"]
+    scripts = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == set(EXPECTED)
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        assert module == "sae_train.apps.entry" and callable(getattr(entry, func)), name

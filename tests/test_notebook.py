@@ -299,3 +299,38 @@ def test_plain_greedy_table_and_window_scan_of_a_learned_primary(tiny_demo_run, 
         report["methods"]["foxp2_learned"]["metrics"]["default"]
     assert (out / "work" / "caa_window.frontier.json").is_file()
     assert [p["gamma"] for p in again["frontier"]["caa_window"]] == [1.0]
+
+
+def test_parallel_targets_give_the_sequential_results(tiny_demo_run, foxp2_cache_root,
+                                                      repo_root, tmp_path):
+    """parallel_targets=true: after the shared cache and SAEs, es and hi each run localise →
+    steer in their own process at once; es's report equals the sequential run's (both use one
+    torch thread per stage), hi's is written, and the summary marks the parallel rows."""
+    import shutil
+
+    run = tmp_path / "demo" / "tiny_llama"
+    for part in ("cache", "saes"):
+        shutil.copytree(tiny_demo_run / part, run / part)
+    cmd = [sys.executable, "-c", "from steering.apps.demo_app import main; main()",
+           "--config-name", "demo_tiny", f"root={tmp_path}", "targets=[es,hi]",
+           "parallel_targets=true"]
+    result = subprocess.run(cmd, env=_env(foxp2_cache_root), cwd=repo_root, capture_output=True,
+                            text=True, timeout=900)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-8000:]
+    assert "in parallel, " in out and " torch thread(s) each" in out
+    assert "[es] [foxp2-demo] localise-es: foxp2-localise" in out
+    assert "[hi] [foxp2-demo] steer-hi: foxp2-steer" in out
+    summary = json.loads((run / "demo_summary.json").read_text())
+    rows = {r["stage"]: r for r in summary["stages"]}
+    assert rows["cache"]["skipped"] and rows["train"]["skipped"]
+    for label in ("localise-es", "steer-es", "localise-hi", "steer-hi"):
+        assert rows[label]["parallel"] and not rows[label]["skipped"], rows
+    assert set(summary["reports"]) == {"es", "hi"}
+    sequential = json.loads((tiny_demo_run / "steer-es" / "report" / "report.json").read_text())
+    parallel = json.loads((run / "steer-es" / "report" / "report.json").read_text())
+    for method, result_ in sequential["methods"].items():
+        assert parallel["methods"][method]["metrics"]["default"] == \
+            result_["metrics"]["default"], method
+        assert parallel["methods"][method]["metrics"]["kl_gen"] == \
+            result_["metrics"]["kl_gen"], method

@@ -310,3 +310,32 @@ def test_relevance_hinge_matches_plain_forwards(load_tiny, arch):
     own, row, _ = token_nll(model, shift, batch, cfg, **weights)
     relevance_hinge(model, shift, batch, cfg, own, row, **weights).backward()
     assert sum(float(p.grad.abs().sum()) for p in shift.parameters()) > 0
+
+
+class _Traced:
+    """The localisation's tensors build_support reads (one layer, 10 neurons)."""
+
+    def __init__(self):
+        self.tensors = {"target_neurons": torch.tensor([2]), "english_neurons": torch.tensor([7]),
+                        "neuron_mu_target": torch.tensor([0., 5., 9., 0., -3., 0., 1., 0., 0., 0.]),
+                        "neuron_mu_english": torch.zeros(10)}
+
+    def t(self, layer, name):
+        return self.tensors[name]
+
+
+def test_extra_neurons_add_the_largest_contrasts_and_random_matches_the_count():
+    from steering.steer.supports import build_support
+
+    scales = {0: torch.tensor([1., 1., 1., 1., 1., 1., 0.25, 1., 1., 1.])}  # neuron 6: 1/0.25
+    traced = build_support("traced", _Traced(), [0], scales)
+    assert traced.index[0].tolist() == [2, 7]
+    more = build_support("traced", _Traced(), [0], scales, extra=3)
+    # |μ_t − μ_en|/σ among the untraced: neuron 1 (5), 6 (4), 4 (3); neuron 2 (9) is traced
+    assert more.index[0].tolist() == [1, 2, 4, 6, 7]
+    assert torch.allclose(more.init[0], torch.tensor([5., 9., -3., 4., 0.]))
+    assert torch.equal(more.scale[0], scales[0][more.index[0]])
+    assert build_support("random", _Traced(), [0], scales, extra=3).index[0].numel() == 5
+    assert build_support("traced", _Traced(), [0], scales, extra=50).index[0].numel() == 10
+    with pytest.raises(LearnedSteerError, match="extra"):
+        build_support("traced", _Traced(), [0], scales, extra=-1)

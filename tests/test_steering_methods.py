@@ -126,3 +126,32 @@ def test_localise_plots_setting_reads_booleans_and_refuses_other_values():
     assert LocaliseAppConfig(plots="false").plots == "none"
     with pytest.raises(LocaliseConfigError, match="plots='some'"):
         LocaliseAppConfig(plots="some")
+
+
+def test_roles_keep_controls_out_of_the_best_baseline():
+    """Each method says what it is to a reader; the demo's "best baseline" is never a FOXP2
+    variant or a control (the dense ablation beat the traced support on Hindi once and was
+    shown as the best baseline)."""
+    from steering.apps.demo_app import best_baseline
+
+    roles = {name: spec.role for name, spec in REGISTRY.items()}
+    assert {n for n, r in roles.items() if r == "baseline"} == {
+        "prompting", "caa_layer", "caa_window", "lape", "lineas"}
+    assert {n for n, r in roles.items() if r == "foxp2"} == {
+        "foxp2", "foxp2_neurons", "foxp2_replace", "foxp2_learned"}
+    with pytest.raises(ValueError, match="role"):
+        MethodSpec("odd", _build_shift, Tuning("lam"), role="rival")
+
+    def result(default, kl):
+        return {"metrics": {"default": {"mean": default}, "kl_gen": {"mean": kl}}}
+
+    report = {"primary": "foxp2_learned", "kl_budget": 0.5,
+              "methods": {"none": result(0.0, 0.0), "native": result(0.96, 0.0),
+                          "foxp2_learned": result(0.29, 0.2),
+                          "foxp2_learned_dense": result(0.44, 0.3), "random": result(0.5, 0.1),
+                          "caa_window": result(0.0, 0.28), "caa_layer": result(0.04, 0.3),
+                          "lape": result(0.9, 0.9)}}
+    assert best_baseline(report) == "caa_layer"  # lape is over the KL budget
+    report["methods"] = {k: v for k, v in report["methods"].items()
+                         if k not in ("caa_window", "caa_layer")}
+    assert best_baseline(report) == "lape"  # none within budget: any baseline

@@ -14,7 +14,10 @@ Stages, each the real app with the overrides of ``conf/demo.yaml`` plus the ``co
     foxp2-steer    → <root>/demo/<model>/steer-<t>/{artifacts,report}/   (per target, in process)
 
 The localise and steer stages run in this process through :mod:`steering.api` and share one
-loaded model (``in_process=false``: a subprocess each). A stage whose outputs exist is skipped
+loaded model (``in_process=false``: a subprocess each). With ``parallel_targets=true`` (the
+demo's setting) each target's localise → steer runs in a child process of its own, all targets
+at once after the shared cache and SAEs, the CPU cores split between them; their output is
+prefixed ``[<target>]``. A stage whose outputs exist is skipped
 (``force=[stage,…]`` redoes it); an interrupted stage resumes (the cache by shard, the steer
 stage by method). The end prints the wall time per stage and, per language, the headline FOXP2
 method next to the native row, the best baseline and the unsteered model, with the bars and
@@ -24,6 +27,7 @@ where the steer, report and plots are; all of it is written to
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -78,6 +82,11 @@ class DemoAppConfig:
     # Run localise and steer in this process with one shared model (false: each stage a
     # subprocess of its app, as the printed command; slower by a model load per stage).
     in_process: bool = True
+    # With several targets, run each target's localise → steer in its own process at the same
+    # time, the CPU cores split between them (torch threads per process: cores // targets).
+    # On 2 CPU cores two 1-thread processes do 1.44× the work of one 2-thread process
+    # (docs/results.md, "Issue 17"); each process holds its own model (memory × targets).
+    parallel_targets: bool = False
 
     def __post_init__(self):
         bad = sorted(set(self.force) - set(STAGES))
@@ -226,10 +235,13 @@ def _row(name: str, role: str, result: dict) -> dict:
 
 
 def best_baseline(report: dict) -> str | None:
-    """The steer with the highest DEFAULT other than the primary, among those within the KL
-    budget on the evaluation split (any, when none is)."""
+    """The baseline (a method whose registry role is "baseline": not a FOXP2 variant, not a
+    control such as the random or dense ablations) with the highest DEFAULT, among those within
+    the KL budget on the evaluation split (any, when none is)."""
+    from steering.steer.methods import REGISTRY
+
     steers = {n: r for n, r in report["methods"].items()
-              if n not in ("none", "native", report["primary"])}
+              if n in REGISTRY and REGISTRY[n].role == "baseline" and n != report["primary"]}
     within = {n: r for n, r in steers.items()
               if (r["metrics"].get("kl_gen", {}).get("mean") or 0.0) <= report["kl_budget"]}
     pool = within or steers
@@ -275,6 +287,8 @@ def print_summary(summary: dict) -> None:
     for row in summary["stages"]:
         print(f"[foxp2-demo] {row['stage']:<15} {row['seconds']:8.1f}"
               f"{'  (skipped: outputs exist)' if row['skipped'] else ''}")
+    if any(row.get("parallel") for row in summary["stages"]):
+        print("[foxp2-demo] (the per-target stages ran in parallel: the total is the wall time)")
     print(f"[foxp2-demo] total           {summary['total_seconds']:8.1f}")
     for t, r in summary["reports"].items():
         print(f"\n[foxp2-demo] en → {t} (evaluation split, {decoding_text(r['decoding'])}; "
@@ -292,8 +306,76 @@ def print_summary(summary: dict) -> None:
         print(f"  report: {r['report']}   plots: {r['plots']}")
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _pump(stream, prefix: str) -> None:
+    for line in stream:
+        print(f"{prefix}{line}", end="", flush=True)
+
+
+def run_targets_in_parallel(cfg: DemoAppConfig, base: Path, env: dict) -> list[dict]:
+    """Each target's stages in its own child process (:func:`run_target_stages`), all at once,
+    with ``cores // targets`` torch threads each; their output prefixed ``[<target>]``. Every
+    child runs to its end; then a failed one stops the demo, naming its target."""
+    import threading
+
+    threads = max(1, _cores() // len(cfg.targets))
+    print(f"[foxp2-demo] targets {cfg.targets} in parallel, {threads} torch thread(s) each",
+          flush=True)
+    logs = base / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    children = {}
+    for t in cfg.targets:
+        spec = logs / f"parallel-{t}.json"
+        spec.write_text(json.dumps({"config": dataclasses.asdict(cfg), "target": t,
+                                    "threads": threads, "timings": None}))
+        cmd = [sys.executable, "-c", "from steering.apps.demo_app import run_target_stages; "
+               f"run_target_stages({str(spec)!r})"]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        pump = threading.Thread(target=_pump, args=(proc.stdout, f"[{t}] "), daemon=True)
+        pump.start()
+        children[t] = (proc, pump, spec)
+    failed = []
+    for t, (proc, pump, _) in children.items():
+        if proc.wait() != 0:
+            failed.append(t)
+        pump.join()
+    if failed:
+        raise SystemExit(f"[foxp2-demo] target(s) {failed} failed (output above, prefixed "
+                         "with the target); re-run the same command to resume")
+    rows = []
+    for t, (_, _, spec) in children.items():
+        rows += [{**r, "parallel": True} for r in json.loads(spec.read_text())["timings"]]
+    return rows
+
+
+def run_target_stages(spec_file: str) -> None:
+    """A child of :func:`run_targets_in_parallel`: one target's stages, in this process with
+    one shared model; its timing rows written back to ``spec_file``."""
+    import torch
+
+    spec = json.loads(Path(spec_file).read_text())
+    data = spec["config"]
+    cfg = DemoAppConfig(**{**data, "compare": CompareConfig(**data["compare"]),
+                           "targets": [spec["target"]], "parallel_targets": False})
+    torch.set_num_threads(spec["threads"])
+    base = _folder(cfg).resolve()
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    shared = SharedModel([f"model={cfg.model}"]) if cfg.in_process else None
+    rows = [run_stage(cfg, stage, base / "cache", env, shared)
+            for stage in demo_plan(cfg, base) if stage.target == spec["target"]]
+    Path(spec_file).write_text(json.dumps({**spec, "timings": rows}))
+
+
 def run_demo(cfg) -> dict:
-    """Every stage in order (finished ones skipped); writes and prints demo_summary.json."""
+    """Every stage in order (finished ones skipped; with ``parallel_targets`` the targets'
+    stages at the same time); writes and prints demo_summary.json."""
     if OmegaConf.is_config(cfg):
         cfg = OmegaConf.to_object(cfg)
     base = _folder(cfg).resolve()
@@ -302,8 +384,12 @@ def run_demo(cfg) -> dict:
     env.setdefault("WANDB_MODE", "offline")
     started = time.perf_counter()
     shared = SharedModel([f"model={cfg.model}"]) if cfg.in_process else None
+    plan = demo_plan(cfg, base)
+    parallel = cfg.parallel_targets and len(cfg.targets) > 1
     timings = [run_stage(cfg, stage, base / "cache", env, shared)
-               for stage in demo_plan(cfg, base)]
+               for stage in plan if not (parallel and stage.target)]
+    if parallel:
+        timings += run_targets_in_parallel(cfg, base, env)
     total = time.perf_counter() - started
     summary = {"model": cfg.model, "targets": cfg.targets, "folder": str(base),
                "stages": timings, "total_seconds": total, "reports": {}}

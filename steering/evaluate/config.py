@@ -157,6 +157,10 @@ class SteerLearnConfig:
     # Where the learned FOXP2 shift may act: "window" (the steering window's traced neurons)
     # or "traced" (the traced neurons of every analysed layer that has any).
     layers: str = "window"
+    # Per layer, this many more neurons on top of the traced ones: those with the largest
+    # FOXP2 contrast |μ_t − μ_en|/σ that tracing did not pick (foxp2_learned_random draws
+    # as many more random ones). 0: the traced neurons only.
+    extra_neurons: int = 0
     steps: int = 150  # Adam steps
     lr: float = 0.05  # on θ, in units of each neuron's activation std
     batch_size: int = 8  # teacher answers (and held-out sentences) per step
@@ -202,6 +206,8 @@ class SteerLearnConfig:
                "teaches; use discovery and/or tuning")
         _check(self.gammas and all(g > 0 for g in self.gammas),
                f"learn.gammas={self.gammas}: give positive strengths")
+        _check(self.extra_neurons >= 0,
+               f"learn.extra_neurons={self.extra_neurons}: must be ≥ 0")
         _check(self.kl_sentences >= 1, f"learn.kl_sentences={self.kl_sentences}: must be ≥ 1")
         _check(self.kl_top_k is None or self.kl_top_k >= 1,
                f"learn.kl_top_k={self.kl_top_k}: must be ≥ 1 or null (the whole vocabulary)")

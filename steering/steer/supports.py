@@ -1,7 +1,9 @@
 """Which neurons a learned steer may move (the support), and their typical size σ.
 
-``traced``: FOXP2's N_t ∪ N_en at the given layers (the localisation's neuron tracing);
-``random``: as many random neurons per layer (seeded); ``dense``: every neuron of the layers.
+``traced``: FOXP2's N_t ∪ N_en at the given layers (the localisation's neuron tracing), plus
+``extra`` neurons per layer with the largest contrast |μ_t − μ_en|/σ among the others (0 by
+default); ``random``: as many random neurons per layer (seeded); ``dense``: every neuron of the
+layers.
 Each neuron's scale σ is its activation std on discovery text (English and target), so one
 learning rate and one L1 weight fit every layer (:mod:`steering.steer.learned`).
 """
@@ -63,27 +65,36 @@ def neuron_scales(model, tokenizer, texts: Sequence[str], layers: Sequence[int],
 
 
 def build_support(kind: str, loc: Localisation, layers: Sequence[int], scales: dict[int, Tensor],
-                  seed: int = 0) -> Support:
+                  seed: int = 0, extra: int = 0) -> Support:
     """The ``kind`` support (module docstring) at ``layers`` of localisation ``loc``, with
     the FOXP2 contrast (μ_t − μ_en)/σ as the optional initial θ."""
     if kind not in SUPPORTS:
         raise LearnedSteerError(f"support={kind!r}; use one of {list(SUPPORTS)}")
+    if extra < 0:
+        raise LearnedSteerError(f"extra={extra}: must be ≥ 0")
     generator = torch.Generator().manual_seed(seed)
     index, scale, init = {}, {}, {}
     for layer in layers:
         traced = torch.cat([loc.t(layer, "target_neurons").long(),
                             loc.t(layer, "english_neurons").long()]).unique()
         width = loc.t(layer, "neuron_mu_target").numel()
+        contrast = (loc.t(layer, "neuron_mu_target") - loc.t(layer, "neuron_mu_english")
+                    ).float() / scales[layer].float()
         if kind == "traced":
             ids = traced
+            if extra:
+                others = contrast.abs().clone()
+                others[traced] = -1.0  # never picked twice
+                more = others.topk(min(extra, width - traced.numel())).indices
+                ids = torch.cat([traced, more]).sort().values
         elif kind == "random":
-            ids = torch.randperm(width, generator=generator)[:traced.numel()].sort().values
+            count = min(traced.numel() + extra, width)
+            ids = torch.randperm(width, generator=generator)[:count].sort().values
         else:
             ids = torch.arange(width)
         if ids.numel() == 0:
             continue
         index[layer] = ids
         scale[layer] = scales[layer][ids].float()
-        contrast = (loc.t(layer, "neuron_mu_target") - loc.t(layer, "neuron_mu_english"))[ids]
-        init[layer] = contrast.float() / scale[layer]
+        init[layer] = contrast[ids]
     return Support(sorted(index), index, scale, init)

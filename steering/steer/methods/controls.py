@@ -49,8 +49,9 @@ def build_random(request: BuildRequest) -> SteeringArtifact:
                             push_norm_from="foxp2_neurons")
 
 
-NONE = MethodSpec("none", build_none, NO_TUNING, "the unsteered model (the reference)")
+NONE = MethodSpec("none", build_none, NO_TUNING, "the unsteered model (the reference)",
+                  role="control")
 PROMPTING = MethodSpec("prompting", build_prompting, NO_TUNING,
                        "an instruction in the prompt, no edit")
 RANDOM = MethodSpec("random", build_random, Tuning("both"),
-                    "random neurons of the traced sizes, push at foxp2_neurons' norm")
+                    "random neurons of the traced sizes, push at foxp2_neurons' norm", role="control")

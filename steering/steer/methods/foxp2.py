@@ -83,13 +83,15 @@ def build_foxp2_neg(request: BuildRequest) -> SteeringArtifact:
 
 
 FOXP2 = MethodSpec("foxp2", build_foxp2, Tuning("both"),
-                   "feature mode: decoded difference-subspace push + English term")
+                   "feature mode: decoded difference-subspace push + English term",
+                   role="foxp2")
 FOXP2_NEURONS = MethodSpec("foxp2_neurons", build_foxp2_neurons, Tuning("both"),
-                           "neuron mode on the traced N_t / N_en")
+                           "neuron mode on the traced N_t / N_en", role="foxp2")
 FOXP2_REPLACE = MethodSpec("foxp2_replace", build_foxp2_replace, Tuning("both"),
-                           "the paper-literal reconstruction-replace (SAE error included)")
+                           "the paper-literal reconstruction-replace (SAE error included)",
+                           role="foxp2")
 FOXP2_POS = MethodSpec("foxp2_pos", build_foxp2_pos, Tuning("lam"),
                        "the primary FOXP2 mode, push only (β = 0)",
-                       same_as_primary_at_beta_zero=True)
+                       same_as_primary_at_beta_zero=True, role="control")
 FOXP2_NEG = MethodSpec("foxp2_neg", build_foxp2_neg, Tuning("beta"),
-                       "the primary FOXP2 mode, English term only (λ = 0)")
+                       "the primary FOXP2 mode, English term only (λ = 0)", role="control")

@@ -79,12 +79,13 @@ def build_learned(request: BuildRequest, method: str) -> SteeringArtifact:
     cfg, tok, layers, discovery, scales = _inputs(request)
     learn, place = cfg.learn, request.placement
     support = build_support(SUPPORT_OF[method], request.localisation, layers, scales,
-                            seed=request.seed)
+                            seed=request.seed, extra=learn.extra_neurons)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     common = dict(method=method, position=place.position, decode_steps=place.decode_steps,
                   sustain=place.sustain, pad_id=pad,
                   provenance={**request.localisation.provenance(), "layers": layers,
-                              "support": SUPPORT_OF[method]})
+                              "support": SUPPORT_OF[method],
+                              "extra_neurons": learn.extra_neurons})
     if method == "lineas":
         result = learn_lineas(
             request.model, support, [tok(t)["input_ids"] for t in discovery[cfg.english]],
@@ -134,17 +135,18 @@ def search_gamma(request: BuildRequest, tuner: Tuner, method: str) -> Tuned:
     return tuned
 
 
-def _spec(name: str, summary: str) -> MethodSpec:
+def _spec(name: str, summary: str, role: str) -> MethodSpec:
     return MethodSpec(name, lambda request: build_learned(request, name),
                       Tuning("lam", search=lambda request, tuner: search_gamma(request, tuner,
                                                                                  name)),
-                      summary, config_section="learn")
+                      summary, config_section="learn", role=role)
 
 
 FOXP2_LEARNED = _spec("foxp2_learned", "FOXP2's traced neurons, amplitudes learned against "
-                      "the model's own native answers")
+                      "the model's own native answers", "foxp2")
 FOXP2_LEARNED_RANDOM = _spec("foxp2_learned_random", "the same objective on random neurons "
-                             "of the same count")
+                             "of the same count", "control")
 FOXP2_LEARNED_DENSE = _spec("foxp2_learned_dense", "the same objective on every neuron of "
-                            "the layers")
-LINEAS = _spec("lineas", "LinEAS: per-neuron affine maps, sliced Wasserstein to target text")
+                            "the layers", "control")
+LINEAS = _spec("lineas", "LinEAS: per-neuron affine maps, sliced Wasserstein to target text",
+               "baseline")

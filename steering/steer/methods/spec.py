@@ -35,6 +35,7 @@ from steering.steer.build import ResidualMeans
 from steering.steer.localisation import Localisation
 
 STRENGTHS = ("both", "lam", "beta", "none")
+ROLES = ("foxp2", "baseline", "control")
 
 
 @dataclass(frozen=True)
@@ -147,3 +148,11 @@ class MethodSpec:
     # The steer app's config section that shapes this method's artifact beyond the shared
     # settings (e.g. "learn"): part of the key its stored result is reused under.
     config_section: Optional[str] = None
+    # What the method is to a reader of the results: "foxp2" (a FOXP2 variant), "baseline"
+    # (a method from elsewhere that FOXP2 must beat) or "control" (an ablation or null that
+    # says whether a part matters: never reported as the best baseline).
+    role: str = "baseline"
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"method {self.name!r}: role={self.role!r}; use one of {ROLES}")
