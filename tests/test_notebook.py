@@ -321,6 +321,7 @@ def test_parallel_targets_give_the_sequential_results(tiny_demo_run, foxp2_cache
     assert "in parallel, " in out and " torch thread(s) each" in out
     assert "[es] [foxp2-demo] localise-es: foxp2-localise" in out
     assert "[hi] [foxp2-demo] steer-hi: foxp2-steer" in out
+    assert "[hi] [" in out and "[foxp2-steer][INFO] - none: DEFAULT" in out  # stage logs shown
     summary = json.loads((run / "demo_summary.json").read_text())
     rows = {r["stage"]: r for r in summary["stages"]}
     assert rows["cache"]["skipped"] and rows["train"]["skipped"]

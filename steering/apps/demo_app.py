@@ -360,6 +360,11 @@ def run_target_stages(spec_file: str) -> None:
     one shared model; its timing rows written back to ``spec_file``."""
     import torch
 
+    import logging
+
+    # the stages' progress lines, formatted as the Hydra apps log them (no Hydra app here)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     spec = json.loads(Path(spec_file).read_text())
     data = spec["config"]
     cfg = DemoAppConfig(**{**data, "compare": CompareConfig(**data["compare"]),
