@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib import import_module
+from typing import Callable
 
 
 def prepare_process() -> None:
@@ -27,37 +29,21 @@ def prepare_process() -> None:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
-def sae_cache() -> None:
-    prepare_process()
-    from sae_train.apps.cache_app import main
-    main()
+def _entry(module: str, name: str) -> Callable[[], None]:
+    """The console script ``name``: :func:`prepare_process`, then ``module``'s Hydra ``main``."""
+
+    def run() -> None:
+        prepare_process()
+        import_module(module).main()
+
+    run.__name__ = run.__qualname__ = name.replace("-", "_")
+    run.__doc__ = f"``{name}``: the Hydra app of :mod:`{module}`."
+    return run
 
 
-def sae_train() -> None:
-    prepare_process()
-    from sae_train.apps.train_app import main
-    main()
-
-
-def foxp2_localise() -> None:
-    prepare_process()
-    from steering.apps.localise_app import main
-    main()
-
-
-def foxp2_steer() -> None:
-    prepare_process()
-    from steering.apps.steer_app import main
-    main()
-
-
-def foxp2_generate() -> None:
-    prepare_process()
-    from steering.apps.generate_app import main
-    main()
-
-
-def foxp2_demo() -> None:
-    prepare_process()
-    from steering.apps.demo_app import main
-    main()
+sae_cache = _entry("sae_train.apps.cache_app", "sae-cache")
+sae_train = _entry("sae_train.apps.train_app", "sae-train")
+foxp2_localise = _entry("steering.apps.localise_app", "foxp2-localise")
+foxp2_steer = _entry("steering.apps.steer_app", "foxp2-steer")
+foxp2_generate = _entry("steering.apps.generate_app", "foxp2-generate")
+foxp2_demo = _entry("steering.apps.demo_app", "foxp2-demo")
