@@ -84,7 +84,7 @@ class DemoAppConfig:
     in_process: bool = True
     # With several targets, run each target's localise → steer in its own process at the same
     # time, the CPU cores split between them (torch threads per process: cores // targets).
-    # On 2 CPU cores two 1-thread processes do 1.44× the work of one 2-thread process
+    # On 2 CPU cores two 1-thread processes do 1.3× the work of one 2-thread process
     # (docs/results.md, "Issue 17"); each process holds its own model (memory × targets).
     parallel_targets: bool = False
 
