@@ -358,9 +358,9 @@ def run_targets_in_parallel(cfg: DemoAppConfig, base: Path, env: dict) -> list[d
 def run_target_stages(spec_file: str) -> None:
     """A child of :func:`run_targets_in_parallel`: one target's stages, in this process with
     one shared model; its timing rows written back to ``spec_file``."""
-    import torch
-
     import logging
+
+    import torch
 
     # the stages' progress lines, formatted as the Hydra apps log them (no Hydra app here)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
