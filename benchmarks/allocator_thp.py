@@ -76,8 +76,9 @@ def main() -> None:
             env = {**os.environ, "THP_MEM_ALLOC_ENABLE": value}
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             runs[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    cpu = "AVX512-BF16" if "avx512_bf16" in flags else "AVX2-only or other"
+    from sae_train.models.loading import cpu_has_native_bf16
+
+    cpu = "native bf16 (AVX512-BF16 or AMX)" if cpu_has_native_bf16() else "no native bf16"
     print(f"model {args.model}, {args.prompts} prompts × {args.max_new_tokens} new tokens, "
           f"{args.sentences} held-out sentences; CPU {cpu}, {os.cpu_count()} cores; "
           f"medians of {args.rounds} rounds")

@@ -74,8 +74,9 @@ def main() -> None:
     half = max(1, args.threads // 2)
     seq = run([base + [str(args.threads), "2"]])[0]["seconds"]
     par = max(r["seconds"] for r in run([base + [str(half), "1"], base + [str(half), "1"]]))
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    cpu = "AVX512-BF16" if "avx512_bf16" in flags else "AVX2-only or other"
+    from sae_train.models.loading import cpu_has_native_bf16
+
+    cpu = "native bf16 (AVX512-BF16 or AMX)" if cpu_has_native_bf16() else "no native bf16"
     print(f"model {args.model}; CPU {cpu}, {args.threads} cores; 2 work units\n"
           "| mode | processes × threads | seconds | units / s |\n|---|---|---|---|")
     print(f"| sequential (reference) | 1 × {args.threads} | {seq:.1f} | {2 / seq:.3f} |")

@@ -83,7 +83,7 @@ def build_support(kind: str, loc: Localisation, layers: Sequence[int], scales: d
         if kind == "traced":
             ids = traced
             if extra:
-                others = contrast.abs().clone()
+                others = contrast.abs()
                 others[traced] = -1.0  # never picked twice
                 more = others.topk(min(extra, width - traced.numel())).indices
                 ids = torch.cat([traced, more]).sort().values
