@@ -35,6 +35,24 @@ def tiny_demo_run(tmp_path_factory, foxp2_cache_root, load_tiny, repo_root) -> P
     return run
 
 
+def test_the_saes_trained_in_two_processes_land_where_one_run_puts_them(tiny_demo_run):
+    """demo_tiny trains with train_processes=2: each part trained its share of the sites in
+    its own folder, and every site's SAE was moved to saes/<site>/ and loads."""
+    from sae_train.saes.io import load_sae
+    from steering.apps.demo_app import _cached_resid_sites
+
+    sites = _cached_resid_sites(tiny_demo_run / "cache")
+    saes = tiny_demo_run / "saes"
+    assert len(sites) >= 2 and all((saes / s / "sae.safetensors").is_file() for s in sites)
+    parts = sorted(p.name for p in (saes / "parts").iterdir())
+    assert parts == ["0", "1"]
+    for part in parts:  # the parts' own run folders stay; their SAE folders moved out
+        assert (saes / "parts" / part / "hydra").is_dir()
+        assert not list((saes / "parts" / part).glob("layers.*"))
+    sae = load_sae(saes / sites[-1])
+    assert sae.d_in > 0 and sae.n_latents == 256
+
+
 def test_walkthrough_runs_as_script(tiny_demo_run, foxp2_cache_root, repo_root):
     env = {**_env(foxp2_cache_root), "FOXP2_DEMO_RUN": str(tiny_demo_run),
            "FOXP2_NOTEBOOK_GENERATE": "1", "PYTHONIOENCODING": "utf-8"}
@@ -258,6 +276,20 @@ def test_demo_rerun_skips_or_resumes_the_steer_stage(tiny_demo_run, foxp2_cache_
     assert {"FOXP2 (headline)", "unsteered"} <= roles
     assert summary["rows"][0]["method"] in ("native", report["primary"])
     assert "en → es" in out and "FOXP2 (headline)" in out
+
+
+def test_a_localisation_without_lape_is_redone_only_when_lape_is_asked_for(tmp_path):
+    """compare=fast localises with tracing.lape=false; compare=full (no such override) must
+    redo the localise stage (resuming its lifts) to get the lape baseline's neurons."""
+    from steering.apps.demo_app import _localise_has_lape_if_asked
+
+    (tmp_path / "localise").mkdir()
+    summary = tmp_path / "localise" / "summary.json"
+    summary.write_text(json.dumps({"lape": {"skipped": True}}))
+    assert _localise_has_lape_if_asked(tmp_path, ["target=es", "tracing.lape=false"])
+    assert not _localise_has_lape_if_asked(tmp_path, ["target=es"])
+    summary.write_text(json.dumps({"lape": {"source": "model", "n_tokens": 10}}))
+    assert _localise_has_lape_if_asked(tmp_path, ["target=es"])
 
 
 def test_plain_greedy_table_and_window_scan_of_a_learned_primary(tiny_demo_run, tmp_path):

@@ -22,7 +22,8 @@ from steering.language.token_sets import LanguageTokenSets
 from steering.localise.lift import (FeatureRanking, direction_top_tokens, lift_cost,
                                     logit_mass_lift, median_token_norm,
                                     rank_by_selectivity_and_lift, rank_features, saturation_k,
-                                    site_delta_edit, typical_norm_from_model)
+                                    shares_prompt_pass, site_delta_edit,
+                                    typical_norm_from_model)
 from steering.localise.selectivity import feature_selectivity
 
 SITE, LAYER = "layers.1.resid", 1
@@ -142,6 +143,40 @@ def test_batched_lift_equals_one_feature_at_a_time_and_costs_what_it_says(plante
     cost = lift_cost(n_prompts=40, n_features=64, n_alphas=3, batch_size=16, steps=3)
     assert cost == {"generations": 3 + 480, "baseline_generations": 3,
                     "edited_generations": 480, "forward_passes": 3 * 483, "rows": 7680}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_the_shared_prompt_pass_gives_the_lift_of_one_pass_per_row(planted, load_tiny, arch):
+    """At a resid site the prompt pass runs each distinct prompt once below the edit and fans
+    out into the rows above it (KV cache widened): every row's ΔM equals that of the plain
+    per-row edit, at the first, a middle and the last layer (Gemma3: sliding-window layers
+    with a window shorter than the longest prompt), in batches that split a prompt's rows."""
+    if arch == "llama":
+        model, tokenizer, sets, dictionary, scale = planted
+        dirs, sites = dictionary, ["layers.0.resid", SITE, "layers.3.resid"]
+    else:
+        model, tokenizer, _ = load_tiny("gemma3")
+        vocab = len(tokenizer)
+        ids = np.arange(vocab)
+        sets = LanguageTokenSets.from_ids({"es": ids[ids % 5 == 0], "en": ids[ids % 5 == 1]},
+                                          vocab)
+        width = model.config.hidden_size
+        dirs = torch.randn(4, width, generator=torch.Generator().manual_seed(3))
+        n = len(decoder_layers(model))
+        sites = ["layers.0.resid", f"layers.{n // 2}.resid", f"layers.{n - 1}.resid"]
+        scale = typical_norm_from_model(model, tokenizer, PROMPTS, sites[1])
+    long_prompt = max(len(tokenizer(f"Question: {p}\nAnswer:")["input_ids"]) for p in PROMPTS)
+    if arch == "gemma3":
+        assert long_prompt > model.config.sliding_window
+    for site in sites:
+        assert shares_prompt_pass(model, site)
+        kw = dict(alphas=ALPHAS, scale=scale * 4, batch_size=7)
+        shared = logit_mass_lift(model, tokenizer, PROMPTS, sets, "es", site, dirs, **kw)
+        plain = logit_mass_lift(model, tokenizer, PROMPTS, sets, "es", site, dirs,
+                                share_prompt_pass=False, baseline=shared.baseline, **kw)
+        torch.testing.assert_close(shared.delta_m, plain.delta_m, atol=1e-5, rtol=0)
+        assert float((shared.delta_m - shared.baseline).abs().max()) > 1e-3  # edits matter
+    assert not shares_prompt_pass(model, "layers.1.mlp")
 
 
 def _hooks(model) -> set:

@@ -251,6 +251,42 @@ def test_resumed_run_reuses_lift_and_model_neurons_match_the_cache(pipeline, loa
             assert traced[l]["trace"]["english_neurons"] == cached[l]["trace"]["english_neurons"]
 
 
+def test_lape_can_be_skipped_and_added_later_without_changing_the_steers_inputs(pipeline,
+                                                                                 load_tiny):
+    """tracing.lape=false (compare=fast) writes no LAPE sets; the same run resumed with
+    LAPE adds them and nothing else: the steers' content digest is unchanged, the lape
+    baseline's is not."""
+    from omegaconf import OmegaConf
+
+    from steering.localise.config import LocaliseAppConfig
+    from steering.localise.run import run_localise
+    from steering.steer.localisation import Localisation
+
+    model, tokenizer, info = load_tiny("llama")
+    out = pipeline["root"] / "lape-later"
+    shutil.copytree(pipeline["out"] / "localise" / "work", out / "localise" / "work")
+    overrides = [o for o in LOCALISE if not o.startswith(("model=", "progress"))]
+
+    def localise(lape: bool) -> dict:
+        cfg = OmegaConf.merge(OmegaConf.structured(LocaliseAppConfig), OmegaConf.from_dotlist(
+            [*overrides, f"cache_dir={pipeline['cache']}", f"sae_dir={pipeline['saes']}",
+             f"out_dir={out}", "resume=true", "progress=false", "plots=false",
+             f"tracing.lape={str(lape).lower()}"]))
+        return run_localise(cfg, model_bundle=(model, tokenizer, info))
+
+    skipped = localise(False)
+    assert skipped["lape"] == {"skipped": True} and "lape" not in skipped["runtime_seconds"]
+    assert all(row["lape_overlap"] is None for row in skipped["layers"].values())
+    without = Localisation(out)
+    assert all("lape" not in rec for rec in without.records.values())
+    with_lape = localise(True)
+    assert with_lape["forward_passes"]["lift"] == 0 and with_lape["lape"]["target"]["n_lape"] >= 0
+    again = Localisation(out)
+    assert all("lape" in rec for rec in again.records.values())
+    assert again.content_digest() == without.content_digest()
+    assert again.content_digest(lape=True) != without.content_digest(lape=True)
+
+
 def _localise_in_process(monkeypatch, args: list[str]) -> None:
     from steering.apps import localise_app
 

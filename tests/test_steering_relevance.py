@@ -53,6 +53,23 @@ def test_own_answers_are_relevant(load_tiny):
     assert tau == pytest.approx(float(np.min(pmi)))
 
 
+def test_a_subset_of_rows_scores_exactly_as_the_full_call(load_tiny):
+    """Tuning scores only the answers that pass the other guards: the same numbers."""
+    model, tokenizer, _ = load_tiny("llama")
+    answers = _greedy_answers(model, tokenizer)
+    settings = RelevanceSettings(n_others=3)
+    full = relevance_pmi(model, tokenizer, QUESTIONS, answers, DEFAULT_TEMPLATE, settings)
+    part = relevance_pmi(model, tokenizer, QUESTIONS, answers, DEFAULT_TEMPLATE, settings,
+                         rows=[4, 1])
+    assert np.isnan(part[[0, 2, 3, 5]]).all()
+    np.testing.assert_allclose(part[[1, 4]], full[[1, 4]], rtol=0, atol=1e-5)
+    assert np.isnan(relevance_pmi(model, tokenizer, QUESTIONS, answers, DEFAULT_TEMPLATE,
+                                  settings, rows=[])).all()
+    with pytest.raises(RelevanceError, match="out of range"):
+        relevance_pmi(model, tokenizer, QUESTIONS, answers, DEFAULT_TEMPLATE, settings,
+                      rows=[6])
+
+
 @pytest.mark.parametrize("bad", [dict(n_others=0), dict(max_tokens=0), dict(quantile=1.0)])
 def test_bad_relevance_settings(bad):
     with pytest.raises(RelevanceError, match=next(iter(bad))):

@@ -9,7 +9,8 @@ Stages, each the real app with the overrides of ``conf/demo.yaml`` plus the ``co
 (each stage's command line is printed before it starts, so it can be re-run alone)::
 
     sae-cache      → <root>/demo/<model>/cache                      (subprocess)
-    sae-train      → <root>/demo/<model>/saes/layers.{i}.resid/    (subprocess; one run)
+    sae-train      → <root>/demo/<model>/saes/layers.{i}.resid/    (subprocess; one run, or
+                                                                    train_processes at once)
     foxp2-localise → <root>/demo/<model>/localise-<t>/              (per target, in process)
     foxp2-steer    → <root>/demo/<model>/steer-<t>/{artifacts,report}/   (per target, in process)
 
@@ -32,6 +33,7 @@ import gc
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -87,6 +89,10 @@ class DemoAppConfig:
     # On 2 CPU cores two 1-thread processes do 1.3× the work of one 2-thread process
     # (docs/results.md, "Issue 17"); each process holds its own model (memory × targets).
     parallel_targets: bool = False
+    # Train the SAEs in this many processes at once, each on its share of the sites with
+    # cores // processes torch threads (1: one sae-train run for every site). On 2 CPU cores
+    # two 1-thread runs of 9 SAEs each finish before one 2-thread run of 18 (docs/results.md).
+    train_processes: int = 1
 
     def __post_init__(self):
         bad = sorted(set(self.force) - set(STAGES))
@@ -94,6 +100,8 @@ class DemoAppConfig:
             raise ValueError(f"force={self.force}: unknown stages {bad}; use {list(STAGES)}")
         if not self.targets:
             raise ValueError("targets=[] selects nothing; give e.g. targets=[es,hi]")
+        if self.train_processes < 1:
+            raise ValueError(f"train_processes={self.train_processes}: must be ≥ 1")
 
 
 ConfigStore.instance().store(name="demo_schema", node=DemoAppConfig)
@@ -126,11 +134,78 @@ def _steer_done_with(out: Path, args: list[str]) -> bool:
     return record.is_file() and json.loads(record.read_text()) == list(args)
 
 
+def _localise_has_lape_if_asked(out: Path, args: list[str]) -> bool:
+    """compare=fast localises without LAPE (``tracing.lape=false``); a later compare=full
+    needs LAPE's neurons for its ``lape`` baseline, so it reruns the localisation (resuming
+    every layer's lift) unless LAPE is there."""
+    if "tracing.lape=false" in args:
+        return True
+    summary = json.loads((out / "localise" / "summary.json").read_text())
+    return not summary.get("lape", {}).get("skipped", False)
+
+
+def _cached_resid_sites(cache: Path) -> list[str]:
+    """The cache's ``layers.{i}.resid`` sites in layer order (what the demo trains SAEs on)."""
+    names = [s["name"] if isinstance(s, dict) else str(s)
+             for s in json.loads((cache / "manifest.json").read_text())["sites"]]
+    sites = [n for n in names if n.startswith("layers.") and n.endswith(".resid")]
+    return sorted(sites, key=lambda s: int(s.split(".")[1]))
+
+
+def run_train_split(cfg: DemoAppConfig, stage: "Stage", cache: Path, env: dict) -> None:
+    """sae-train in ``cfg.train_processes`` processes at once, each on a contiguous share of
+    the sites (``<saes>/parts/<k>/``, its own Hydra folder, checkpoint and log), with
+    ``cores // processes`` torch threads; each finished part's SAE folders are then moved to
+    ``<saes>/<site>/``, where one run would have written them. A part whose SAEs are all in
+    place is not rerun; a failed part stops the demo after the others finish."""
+    import threading
+
+    sites = _cached_resid_sites(cache)
+    if not sites:
+        raise SystemExit(f"[foxp2-demo] the cache {cache} has no layers.*.resid site to train")
+    n = min(cfg.train_processes, len(sites))
+    shares = [sites[len(sites) * k // n:len(sites) * (k + 1) // n] for k in range(n)]
+    threads = max(1, _cores() // n)
+    kept = [a for a in stage.args if not a.startswith(("sites=", "out_dir=", "num_threads="))]
+    running = []
+    for k, share in enumerate(shares):
+        if all((stage.out / site / "sae.safetensors").is_file() for site in share):
+            continue
+        part = stage.out / "parts" / str(k)
+        args = [*kept, f"sites=[{','.join(share)}]", f"out_dir={part}",
+                f"num_threads={threads}", f"hydra.run.dir={part / 'hydra'}"]
+        print(f"[foxp2-demo] train part {k}: sae-train {shlex.join(args)}", flush=True)
+        cmd = [sys.executable, "-c", f"from {MODULES['train']} import main; main()", *args]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        pump = threading.Thread(target=_pump, args=(proc.stdout, f"[train {k}] "), daemon=True)
+        pump.start()
+        running.append((k, share, part, proc, pump))
+    failed = []
+    for k, share, part, proc, pump in running:
+        try:
+            code = proc.wait(timeout=cfg.stage_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        pump.join()
+        if code != 0:
+            failed.append(k)
+            continue
+        for site in share:
+            target = stage.out / site
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(str(part / site), str(target))
+    if failed:
+        raise SystemExit(f"[foxp2-demo] train part(s) {failed} failed (output above, prefixed "
+                         "[train <part>]); re-run the same command to resume")
+
+
 def _cached_layers(cache: Path) -> int | None:
-    m = cache / "manifest.json"
-    if not m.is_file():
+    if not (cache / "manifest.json").is_file():
         return None
-    return sum(1 for s in json.loads(m.read_text())["sites"] if str(s).endswith(".resid"))
+    return len(_cached_resid_sites(cache))
 
 
 @dataclass
@@ -194,7 +269,8 @@ def run_stage(cfg, stage: Stage, cache: Path, env: dict, shared: SharedModel | N
     sharing one loaded model (the printed command redoes a stage alone)."""
     label = stage.label
     done = _done(stage.stage, stage.out, _cached_layers(cache)) and (
-        stage.stage != "steer" or _steer_done_with(stage.out, stage.args))
+        stage.stage != "steer" or _steer_done_with(stage.out, stage.args)) and (
+        stage.stage != "localise" or _localise_has_lape_if_asked(stage.out, stage.args))
     if stage.stage not in cfg.force and done:
         print(f"[foxp2-demo] {label}: outputs exist in {stage.out}, skipped", flush=True)
         return {"stage": label, "seconds": 0.0, "skipped": True}
@@ -214,6 +290,8 @@ def run_stage(cfg, stage: Stage, cache: Path, env: dict, shared: SharedModel | N
                              f"{err}); re-run the same command to resume") from err
         finally:
             gc.collect()
+    elif stage.stage == "train" and cfg.train_processes > 1:
+        run_train_split(cfg, stage, cache, env)
     else:
         cmd = [sys.executable, "-c", f"from {MODULES[stage.stage]} import main; main()", *args]
         result = subprocess.run(cmd, env=env, timeout=cfg.stage_timeout)

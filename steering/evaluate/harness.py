@@ -405,15 +405,21 @@ class TuningPoint:
 TUNING_OBJECTIVES = ("delta_m", "default")
 
 
-def guarded_default(gens: Generations, target: str, identifiers, guards: FluencyGuards,
-                    relevant: np.ndarray | None = None) -> float:
-    """Fraction of continuations with ΔM > 0, the head identified as ``target`` and every
-    fluency guard passed but the NLL one (it needs the unsteered continuation's NLL); with
-    ``relevant`` (one 0/1 per continuation: the relevance guard's verdict), also relevant."""
+def guarded_passes(gens: Generations, target: str, identifiers, guards: FluencyGuards
+                   ) -> np.ndarray:
+    """Per continuation, 1.0 where ΔM > 0, the head is identified as ``target`` and every
+    fluency guard but the NLL one passes (it needs the unsteered continuation's NLL), else 0.0."""
     js = [judge_continuation(h, f, target, identifiers, guards)
           for h, f in zip(gens.heads, gens.fulls)]
-    ok = np.array([dm > 0 and j.is_target_head and j.fluent for dm, j in zip(gens.delta_m, js)],
-                  dtype=float)
+    return np.array([dm > 0 and j.is_target_head and j.fluent for dm, j in zip(gens.delta_m, js)],
+                    dtype=float)
+
+
+def guarded_default(gens: Generations, target: str, identifiers, guards: FluencyGuards,
+                    relevant: np.ndarray | None = None) -> float:
+    """Fraction of :func:`guarded_passes`; with ``relevant`` (one 0/1 per continuation: the
+    relevance guard's verdict), also relevant."""
+    ok = guarded_passes(gens, target, identifiers, guards)
     return float(np.mean(ok if relevant is None else ok * relevant))
 
 
@@ -447,7 +453,8 @@ def tune_strengths(model, tokenizer, artifact: SteeringArtifact, tuned: str, *,
     (ties by ΔM), so a push that wins ΔM over the first T steps but then loops is not chosen.
     It costs a full-length decode per point instead of T steps. With ``relevance`` (a
     :class:`steering.evaluate.relevance.RelevanceCheck`) the rate also needs the relevance
-    guard, as the reported DEFAULT does (one more teacher-forced scoring per point).
+    guard, as the reported DEFAULT does (one more teacher-forced scoring per point, of the
+    answers that pass the other guards only: the rest fail DEFAULT whatever their relevance).
 
     ``stop_over_budget``: along λ at a fixed β (along β for a β-only method) the first point
     over the budget ends that line: the push only grows, and so does its KL (monotone in every
@@ -476,10 +483,12 @@ def tune_strengths(model, tokenizer, artifact: SteeringArtifact, tuned: str, *,
                         max_new_tokens=settings.max_new_tokens if full else settings.steps)
         default = None
         if full:
-            relevant = None if relevance is None else relevance.passes(relevance.pmi(
-                model, tokenizer, prompts, gens.new_ids, settings.batch_size))
-            default = guarded_default(gens, artifact.target, identifiers, settings.guards,
-                                      relevant)
+            ok = guarded_passes(gens, artifact.target, identifiers, settings.guards)
+            if relevance is not None:  # only the answers that pass the rest can count
+                ok = ok * relevance.passes(relevance.pmi(
+                    model, tokenizer, prompts, gens.new_ids, settings.batch_size,
+                    rows=np.flatnonzero(ok)))
+            default = float(ok.mean())
         points.append(TuningPoint(lam, beta, float(gens.delta_m.mean()), kl_mean,
                                   kl_mean <= kl_budget, default))
         if not points[-1].within_budget:

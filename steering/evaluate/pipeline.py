@@ -234,6 +234,8 @@ def method_key(run: SteerRun, base_key: dict, method: str) -> dict:
     config section its registry entry names (e.g. ``learn`` for the learned steers)."""
     section = method_spec(method).config_section
     extra = {section: dataclasses.asdict(getattr(run.cfg, section))} if section else {}
+    if method == "lape":  # the one method that reads LAPE's sets
+        extra["lape_sets"] = run.loc.content_digest(lape=True)
     return {**base_key, "method": method, **extra}
 
 
@@ -324,8 +326,8 @@ def result_key(run: SteerRun) -> dict:
     """The inputs and settings every stored result depends on (work/ is created)."""
     cfg = run.cfg
     run.work.mkdir(parents=True, exist_ok=True)
-    return {"model": run.info.to_dict(), "localise": run.loc.summary.get("provenance", {})
-            .get("created"), "window": run.loc.window,
+    return {"model": run.info.to_dict(), "localise": run.loc.content_digest(),
+            "window": run.loc.window,
             "settings": _without_defaults(dataclasses.asdict(run.settings)),
             "tuning": dataclasses.asdict(cfg.tuning), "eval": _method_eval_key(cfg.evaluation),
             "position": cfg.position,

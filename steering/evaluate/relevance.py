@@ -46,9 +46,13 @@ class RelevanceSettings:
 
 def relevance_pmi(model, tokenizer, questions: Sequence[str], answers: Sequence[Sequence[int]],
                   template: str, settings: RelevanceSettings = RelevanceSettings(),
-                  batch_size: int = 16) -> np.ndarray:
+                  batch_size: int = 16, rows: Sequence[int] | None = None) -> np.ndarray:
     """PMI_i (module docstring) of each answer (token ids) for its question; NaN for an empty
-    answer. ``questions`` are already in the language of ``template``."""
+    answer. ``questions`` are already in the language of ``template``.
+
+    ``rows``: score only these answers (NaN elsewhere). PMI_i depends on answer i and the
+    question list only, so a subset gives exactly the values of the full call; tuning uses it
+    to score only the answers that pass every other guard (the others fail DEFAULT anyway)."""
     from steering.evaluate.harness import continuation_nll
 
     n = len(questions)
@@ -56,14 +60,22 @@ def relevance_pmi(model, tokenizer, questions: Sequence[str], answers: Sequence[
         raise RelevanceError(f"{n} questions but {len(answers)} answers")
     if n < 2:
         raise RelevanceError("the relevance guard needs at least two questions to compare")
+    chosen = list(range(n)) if rows is None else sorted({int(i) for i in rows})
+    if chosen and not 0 <= chosen[0] <= chosen[-1] < n:
+        raise RelevanceError(f"rows {chosen[:3]}… out of range for {n} answers")
+    out = np.full(n, np.nan)
+    if not chosen:
+        return out
     k_max = min(settings.n_others, n - 1)
-    cut = [list(a)[:settings.max_tokens] for a in answers]
-    own = continuation_nll(model, tokenizer, list(questions), cut, 0, template, batch_size)
+    cut = [list(answers[i])[:settings.max_tokens] for i in chosen]
+    own = continuation_nll(model, tokenizer, [questions[i] for i in chosen], cut, 0, template,
+                           batch_size)
     others = np.stack([continuation_nll(model, tokenizer,
-                                        [questions[(i + k) % n] for i in range(n)], cut, 0,
+                                        [questions[(i + k) % n] for i in chosen], cut, 0,
                                         template, batch_size)
                        for k in range(1, k_max + 1)])
-    return others.mean(0) - own
+    out[chosen] = others.mean(0) - own
+    return out
 
 
 @dataclass
@@ -77,10 +89,10 @@ class RelevanceCheck:
     questions: dict[str, str] = field(default_factory=dict)
 
     def pmi(self, model, tokenizer, prompts: Sequence[str], answers: Sequence[Sequence[int]],
-            batch_size: int = 16) -> np.ndarray:
+            batch_size: int = 16, rows: Sequence[int] | None = None) -> np.ndarray:
         asked = [self.questions.get(p, p) for p in prompts]
         return relevance_pmi(model, tokenizer, asked, answers, self.template, self.settings,
-                             batch_size)
+                             batch_size, rows)
 
     def passes(self, pmi: Sequence[float]) -> np.ndarray:
         """The guard's verdict per answer: 1.0 where PMI ≥ τ, else 0.0 (NaN: an empty answer)."""

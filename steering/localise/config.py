@@ -202,7 +202,11 @@ class TracingConfig:
     batch_size: int = 16
     # Token window of the model path (null: the cache's max_length).
     max_length: Optional[int] = None
-    # LAPE on the same activations (all cache languages, the analysed layers together).
+    # LAPE's language neurons on the same activations (all cache languages, the analysed
+    # layers together): the `lape` baseline's neurons and their overlap with the traced ones.
+    # false skips it (≈ 30 s on the demo model; foxp2-demo compare=fast, which has no `lape`).
+    lape: bool = True
+    # LAPE: entropy quantile a language-specific neuron must stay under.
     lape_entropy_quantile: float = 0.01
     # LAPE: activation-probability quantile a language-specific neuron must reach.
     lape_prob_quantile: float = 0.95

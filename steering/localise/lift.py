@@ -55,7 +55,8 @@ import torch
 from torch import Tensor
 
 from sae_train.models.sites import decoder_layers, first_tensor, resolve_sites, site_module
-from steering.language.defaultness import DEFAULT_TEMPLATE, DefaultnessResult, defaultness, left_pad
+from steering.language.defaultness import (DEFAULT_TEMPLATE, DefaultnessResult, defaultness,
+                                           format_prompts, left_pad)
 from steering.language.token_sets import LanguageTokenSets
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,127 @@ class RowScheduledEdit:
                                f"{expected} batches: rows and edits are misaligned")
 
 
+@contextmanager
+def shared_prompt_edit(model, site: str, rows_of: Tensor, vectors: Tensor):
+    """Context manager for one generation whose R rows share P < R prompts (the lift's rows:
+    every feature × α on the same prompts), editing row r with ``vectors[r]`` at a decoder
+    layer's output (``layers.{i}.resid``).
+
+    The prompt pass runs the P distinct prompts through layers 0…i once; at layer i's output
+    the batch fans out into the R rows (row r: prompt ``rows_of[r]`` plus its edit) and the
+    layers above run on R rows, their masks and position embeddings widened to match; then the
+    KV cache of layers 0…i is widened to R rows. Each later pass (one new token per row) edits
+    every row as :func:`site_delta_edit` does. Below the edit every row of a prompt computes
+    the same numbers, so this is the edited generation with the repeated work left out (the
+    tests compare it with :func:`site_delta_edit` row by row). Use with
+    ``greedy_language_masses(..., rows_of=rows_of)``, which widens its own inputs after the
+    prompt pass.
+    """
+    from steering.language.defaultness import _returned_cache
+
+    (resolved,) = resolve_sites(model, site)
+    if resolved.kind != "resid":
+        raise ValueError(f"a shared prompt pass needs a decoder layer's output (resid); got "
+                         f"{site}")
+    layers = decoder_layers(model)
+    index = resolved.layer
+    vectors, rows_of = vectors.detach(), torch.as_tensor(rows_of, dtype=torch.long)
+    if vectors.ndim != 2 or len(vectors) != len(rows_of):
+        raise ValueError(f"need one edit vector per row: {tuple(vectors.shape)} for "
+                         f"{len(rows_of)} rows")
+    state: dict = {"prompt_pass": True, "n_prompts": None}
+
+    def fan_out(value):
+        if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[0] == state["n_prompts"]:
+            return value.index_select(0, rows_of.to(value.device))
+        if isinstance(value, tuple):
+            return tuple(fan_out(v) for v in value)
+        return value
+
+    def at_site(_module, _inputs, output):
+        h = first_tensor(output)
+        if state["prompt_pass"]:
+            state["n_prompts"] = h.shape[0]
+            h = h.index_select(0, rows_of.to(h.device))
+        if h.shape[0] != len(vectors):
+            raise ValueError(f"{len(vectors)} edit rows for a batch of {h.shape[0]} at {site}")
+        h = h + vectors.to(device=h.device, dtype=h.dtype)[:, None, :]
+        if isinstance(output, (tuple, list)):
+            return type(output)([h, *output[1:]])
+        return h
+
+    def widen(_module, args, kwargs):
+        if not state["prompt_pass"]:
+            return None
+        return args, {k: fan_out(v) for k, v in kwargs.items()}
+
+    def after_prompt_pass(_module, _inputs, output):
+        if not state["prompt_pass"]:
+            return
+        cache = _returned_cache(output)
+        per_layer = getattr(cache, "layers", None)
+        if per_layer is None or len(per_layer) <= index:
+            raise RuntimeError(f"{type(cache).__name__} has no per-layer storage to widen; "
+                               "use site_delta_edit")
+        for layer_cache in per_layer[:index + 1]:
+            layer_cache.reorder_cache(rows_of.to(layer_cache.keys.device))
+        state["prompt_pass"] = False
+
+    handles = [layers[index].register_forward_hook(at_site)]
+    handles += [layer.register_forward_pre_hook(widen, with_kwargs=True)
+                for layer in layers[index + 1:]]
+    handles.append(model.register_forward_hook(after_prompt_pass))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def shares_prompt_pass(model, site: str) -> bool:
+    """Whether :func:`shared_prompt_edit` applies: a resid site of a model whose KV cache
+    keeps per-layer storage (transformers' DynamicCache)."""
+    (resolved,) = resolve_sites(model, site)
+    if resolved.kind != "resid":
+        return False
+    try:
+        from transformers import DynamicCache
+    except ImportError:  # pragma: no cover - transformers always has it
+        return False
+    return hasattr(DynamicCache(config=model.config), "layers")
+
+
+def edited_rows_delta_m(model, tokenizer, prompts: Sequence, row_prompts: Sequence[int],
+                        vector_of, site: str, token_sets: LanguageTokenSets, target: str, *,
+                        english: str = "en", steps: int = 3, batch_size: int = 16,
+                        template: str = DEFAULT_TEMPLATE) -> Tensor:
+    """ΔM of each row r (prompt ``prompts[row_prompts[r]]``, edit ``vector_of(rows)``) with
+    :func:`shared_prompt_edit`: each batch's prompt pass runs only its distinct prompts. Rows
+    of the same prompt should be adjacent (a batch then holds a few prompts)."""
+    from steering.language.defaultness import greedy_language_masses
+
+    texts = format_prompts(prompts, template)
+    encoded = tokenizer(texts)["input_ids"]
+    empty = [texts[i] for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"prompt {empty[0]!r} tokenises to nothing")
+    device = next(model.parameters()).device
+    set_ids = [token_sets.id_tensor(target, device), token_sets.id_tensor(english, device)]
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None),
+                  0)
+    row_prompts = torch.as_tensor(list(row_prompts), dtype=torch.long)
+    out = []
+    for start in range(0, len(row_prompts), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(row_prompts)))
+        distinct, rows_of = torch.unique(row_prompts[rows], return_inverse=True)
+        ids, attention = left_pad([encoded[i] for i in distinct.tolist()], pad_id)
+        with shared_prompt_edit(model, site, rows_of, vector_of(rows)):
+            masses, _ = greedy_language_masses(model, ids.to(device), attention.to(device),
+                                               set_ids, steps, rows_of=rows_of)
+        out.append((masses[0] - masses[1]).mean(-1))
+    return torch.cat(out)
+
+
 # --------------------------------------------------------------------------- lift
 def lift_cost(n_prompts: int, n_features: int, n_alphas: int, batch_size: int, steps: int = 3,
               baseline: bool = True) -> dict:
@@ -250,12 +372,15 @@ def logit_mass_lift(model, tokenizer, prompts: Sequence, token_sets: LanguageTok
                     feature_ids: Sequence[int] | Tensor | None = None, english: str = "en",
                     steps: int = 3, batch_size: int = 16, template: str = DEFAULT_TEMPLATE,
                     normalize: bool = True,
-                    baseline: DefaultnessResult | Tensor | None = None) -> LiftResult:
+                    baseline: DefaultnessResult | Tensor | None = None,
+                    share_prompt_pass: bool = True) -> LiftResult:
     """Lift_j(α) and LiftSlope_j of each direction by real intervention (see the module doc).
 
     ``directions``: (F, width) decoder rows of the candidate features at ``site``
     (``feature_ids`` names them, default 0…F−1). ``scale``: s_ℓ, the site's typical norm.
     ``baseline``: ΔM of the same prompts without edit, if already computed (else computed).
+    ``share_prompt_pass``: at a resid site, each batch's prompt pass runs the layers below the
+    edit once per distinct prompt (:func:`shared_prompt_edit`; false: once per row).
     Cost: :func:`lift_cost` generations of ``steps`` forward passes.
     """
     started = time.perf_counter()
@@ -288,16 +413,28 @@ def logit_mass_lift(model, tokenizer, prompts: Sequence, token_sets: LanguageTok
         if base.shape != (n_p,):
             raise ValueError(f"baseline has shape {tuple(base.shape)} for {n_p} prompts")
     pushes = alpha * float(scale)
+    # Rows go prompt by prompt, shortest prompt first: a batch then holds two or three prompts
+    # of similar length instead of all of them, so little of it is left padding.
+    lengths = [len(ids) for ids in tokenizer(format_prompts(prompts, template))["input_ids"]]
+    order = sorted(range(n_p), key=lambda i: lengths[i])
+    per_prompt = n_a * n_f
 
-    def vector_of(rows: Tensor) -> Tensor:  # row = (a·F + f)·P + p
-        a, f = rows // (n_f * n_p), (rows // n_p) % n_f
+    def vector_of(rows: Tensor) -> Tensor:  # row = q·(A·F) + a·F + f, prompt order[q]
+        a, f = (rows % per_prompt) // n_f, rows % n_f
         return pushes[a][:, None] * dirs[f]
 
-    schedule = RowScheduledEdit(model, site, n_a * n_f * n_p, batch_size, vector_of)
-    edited = defaultness(model, tokenizer, prompts * (n_a * n_f), token_sets, target,
-                         intervention=schedule, **kwargs)
-    schedule.check_finished()
-    delta_m = edited.delta_m.float().reshape(n_a, n_f, n_p)
+    row_prompts = [i for i in order for _ in range(per_prompt)]
+    if share_prompt_pass and shares_prompt_pass(model, site):
+        edited = edited_rows_delta_m(model, tokenizer, prompts, row_prompts, vector_of, site,
+                                     token_sets, target, **kwargs)
+    else:
+        schedule = RowScheduledEdit(model, site, n_a * n_f * n_p, batch_size, vector_of)
+        edited = defaultness(model, tokenizer, [prompts[i] for i in row_prompts], token_sets,
+                             target, intervention=schedule, **kwargs).delta_m
+        schedule.check_finished()
+    by_row = edited.float().reshape(n_p, n_a, n_f)  # (sorted prompt, α, feature)
+    delta_m = torch.empty(n_a, n_f, n_p)
+    delta_m[:, :, torch.as_tensor(order)] = by_row.permute(1, 2, 0)
     lift = (delta_m - base[None, None, :]).mean(-1).T.contiguous()  # (F, A)
     slope = torch.quantile(lift / alpha[None, :], 0.5, dim=1)
     cost = lift_cost(n_p, n_f, n_a, batch_size, steps, baseline=baseline is None)

@@ -55,8 +55,9 @@ Outputs (``out_dir``)
     ``baseline`` (prompts, mean ΔM); ``layers``: ``{"ℓ": {k, n_target_neurons,
     n_english_neurons, rank, eigengap_index, eigengap_ratio, r_eff, mass, stability, mass_stab,
     mean_alignment, essentially_rank1, causal_gain, typical_norm, top_features: [{feature, sel,
-    slope, score, top_tokens}], lape_overlap: {target, english}, neuron_spectrum}}``;
-    ``lape`` (totals); ``token_sets`` (sizes); ``tracing_source`` (``cache`` | ``model``);
+    slope, score, top_tokens}], lape_overlap: {target, english} (null with tracing.lape=false),
+    neuron_spectrum}}``; ``lape`` (totals; ``{"skipped": true}`` with tracing.lape=false);
+    ``token_sets`` (sizes); ``tracing_source`` (``cache`` | ``model``);
     ``runtime_seconds`` per step; ``forward_passes`` per step (counted by a hook on the model:
     every call of the model's forward); ``findings``; ``warnings``; ``provenance`` (model info
     and fingerprint, cache path / config hash / tokenizer hash, per-site SAE path + sha256,
@@ -241,8 +242,9 @@ def run_localise(cfg, model_bundle: tuple | None = None) -> dict:
             sets.digest, baseline.lift_prompts, baseline.lift_baseline, neuron_acts, ledger,
             inputs.tokenizer_digest, paths.work))
             for layer in tqdm(inputs.layers, desc="localise layers", disable=not cfg.progress)}
-        lape = lape_neurons(cfg, inputs, ledger)
-    lape.overlap = attach_lape(cfg, results, lape, inputs.source)
+        lape = lape_neurons(cfg, inputs, ledger) if cfg.tracing.lape else None
+    if lape is not None:
+        lape.overlap = attach_lape(cfg, results, lape, inputs.source)
     write_json(paths.loc / "layers.json", {str(l): r.record for l, r in results.items()})
     choice = choose_layer_window(cfg, results, ledger, paths)
     files = write_outputs(cfg, inputs, results, choice, ledger, paths)
@@ -466,7 +468,7 @@ def write_outputs(cfg: LocaliseAppConfig, inputs: LocaliseInputs,
     return files
 
 
-def layer_rows(results: dict[int, LayerResult], overlap: dict, choice: WindowChoice) -> dict:
+def layer_rows(results: dict[int, LayerResult], overlap: dict | None, choice: WindowChoice) -> dict:
     """summary.json's ``layers``: one row per analysed layer."""
     per_layer = {}
     for layer, r in results.items():
@@ -482,8 +484,9 @@ def layer_rows(results: dict[int, LayerResult], overlap: dict, choice: WindowCho
             "neuron_spectrum": spectrum_row(r.neuron_spectrum)
             if r.neuron_spectrum is not None else None,
             "top_features": r.top_features,
-            "lape_overlap": {"target": overlap["target"]["per_layer"][layer],
-                             "english": overlap["english"]["per_layer"][layer]},
+            "lape_overlap": None if overlap is None else {
+                "target": overlap["target"]["per_layer"][layer],
+                "english": overlap["english"]["per_layer"][layer]},
             "in_window": layer in choice.layers}
     return per_layer
 
@@ -498,7 +501,7 @@ def localise_findings(results: dict[int, LayerResult]) -> list[str]:
 
 
 def localise_summary(cfg: LocaliseAppConfig, inputs: LocaliseInputs, sets: TokenSets,
-                     baseline: Baseline, results: dict[int, LayerResult], lape: Lape,
+                     baseline: Baseline, results: dict[int, LayerResult], lape: Lape | None,
                      choice: WindowChoice, files: dict, ledger: Ledger, started: float) -> dict:
     """summary.json (module docstring); the ledger's totals are closed here."""
     dc, cache = cfg.defaultness, inputs.cache
@@ -516,10 +519,11 @@ def localise_summary(cfg: LocaliseAppConfig, inputs: LocaliseInputs, sets: Token
                      "mean_delta_m": baseline.result.mean(),
                      "lift_prompts": len(baseline.lift_prompts),
                      "lift_prompts_mean_delta_m": float(baseline.lift_baseline.mean())},
-        "layers": layer_rows(results, lape.overlap, choice),
-        "lape": {"source": inputs.source, "n_tokens": lape.probs.n_tokens,
-                 "reused": lape.reused, "target": lape.overlap["target"]["total"],
-                 "english": lape.overlap["english"]["total"]},
+        "layers": layer_rows(results, None if lape is None else lape.overlap, choice),
+        "lape": {"skipped": True} if lape is None else {
+            "source": inputs.source, "n_tokens": lape.probs.n_tokens,
+            "reused": lape.reused, "target": lape.overlap["target"]["total"],
+            "english": lape.overlap["english"]["total"]},
         "token_sets": {"sizes": sets.sets.sizes, "tokenizer": sets.sets.tokenizer,
                        "by_source": sets.as_json["by_source"]},
         "tracing_source": inputs.source,

@@ -6,6 +6,7 @@ Formats: :mod:`steering.localise.run` (``directions.safetensors``, ``localise/su
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -45,6 +46,22 @@ class Localisation:
         if "english_feature_ids" not in {k.split(".", 2)[-1] for k in self.tensors}:
             raise BuildError(f"{directions} has no English features (written by an older "
                              "foxp2-localise); re-run foxp2-localise")
+
+    def content_digest(self, lape: bool = False) -> str:
+        """sha256 of what the steers are built from: every tensor of directions.safetensors,
+        the window and target; with ``lape``, LAPE's per-layer sets (only the ``lape``
+        baseline reads them). Not when the localisation ran: a resumed run that adds LAPE
+        (``tracing.lape=true`` after ``false``) keeps every other method's stored result."""
+        h = hashlib.sha256(json.dumps([self.target, self.english, self.window]).encode())
+        for name in sorted(self.tensors):
+            tensor = self.tensors[name].contiguous()
+            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            h.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel()
+                     else b"")
+        if lape:
+            h.update(json.dumps({layer: rec.get("lape") for layer, rec in self.records.items()},
+                                sort_keys=True).encode())
+        return h.hexdigest()
 
     def t(self, layer: int, name: str) -> Tensor:
         key = f"layers.{layer}.{name}"

@@ -15,7 +15,9 @@ def build_lape(request: BuildRequest) -> SteeringArtifact:
     for layer in request.window:
         rec = loc.records.get(str(layer), {}).get("lape")
         if rec is None:
-            raise BuildError(f"localise/layers.json has no LAPE sets for layer {layer}")
+            raise BuildError(f"localise/layers.json has no LAPE sets for layer {layer} (a "
+                             "localisation run with tracing.lape=false?): rerun foxp2-localise "
+                             "with tracing.lape=true (its lifts are resumed)")
         edits.append(neuron_edit(loc, layer, torch.tensor(rec["target_neurons"]),
                                  torch.tensor(rec["english_neurons"]), request.saturating))
     return request.artifact("lape", edits)
