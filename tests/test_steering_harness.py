@@ -343,6 +343,43 @@ def test_best_point_prefers_the_objective_within_the_budget_else_the_smallest_kl
     assert best_point([over, c]) == (c, False)
 
 
+def test_best_point_prefers_fluent_working_points_when_there_are_any():
+    """tuning.nll_budget: within the KL budget, the points that also meet the NLL budget and
+    work are preferred; none of them (or none working): every point within the KL budget."""
+    from steering.evaluate.harness import TuningPoint, best_point
+
+    def point(lam, default, fluent, kl=0.2, within=True):
+        return TuningPoint(lam, 0.0, delta_m=default, kl=kl, within_budget=within,
+                           default=default, nll_change=0.01 if fluent else 0.3, fluent=fluent)
+
+    g05, g1, g15 = point(0.5, 0.0, True), point(1.0, 0.88, True), point(1.5, 1.0, False)
+    assert best_point([g05, g1, g15], "default") == (g1, True)
+    assert best_point([g05, point(1.0, 0.3, False), g15], "default") == (g15, True)
+    over = point(2.0, 1.0, True, kl=0.9, within=False)  # fluent but over the KL budget
+    assert best_point([g05, g15, over], "default") == (g15, True)
+    assert g1.to_dict()["fluent"] is True and g1.to_dict()["nll_change"] == 0.01
+    assert "fluent" not in TuningPoint(1.0, 0.0, 0.1, 0.2, True).to_dict()
+
+
+def test_the_nll_budget_records_each_points_tuning_nll_change(planted):
+    model, tokenizer, sets, direction = planted
+    settings = EvalSettings(max_new_tokens=8, batch_size=4,
+                            guards=FluencyGuards(max_nll_increase=None))
+    art = _artifact(direction)
+    kw = dict(prompts=PROMPTS, sentences=SENTENCES, token_sets=sets, kl_budget=10.0,
+              lams=[0.5, 1.0], betas=[0.0], settings=settings, objective="default")
+    _, points, _ = tune_strengths(model, tokenizer, art, "lam", nll_budget=0.05, **kw)
+    for p in points:
+        cand = art.with_strengths(lam=p.lam, beta=0.0, gamma=1.0)
+        scores = sentence_scores(model, tokenizer, SENTENCES, cand, modes=("gen",),
+                                 batch_size=4)
+        assert p.nll_change == pytest.approx(float(np.nanmean(scores.nll["gen"]
+                                                              - scores.nll_base)), abs=1e-6)
+        assert p.fluent == (p.nll_change <= 0.05)
+    _, plain, _ = tune_strengths(model, tokenizer, art, "lam", **kw)
+    assert all(p.nll_change is None and p.fluent is None for p in plain)
+
+
 def test_nll_guard_language_offset_raises_only_the_guards_allowance(planted):
     from steering.evaluate.harness import HeldOutText, language_nll_offset
 

@@ -66,8 +66,21 @@ class SteerTuningConfig:
     # with evaluation.relevance on, the relevance guard too, as the reported DEFAULT).
     # The window scan always ranks by ΔM.
     objective: str = "delta_m"
+    # A fluency preference (a departure from DESIGN, like objective=default): with a budget
+    # on the mean ΔNLL of the tuning sentences (steered − unsteered, nats/token, the steer
+    # placed as in generation), the points within the KL budget that also meet it and work
+    # (DEFAULT > 0, or ΔM > 0 for objective=delta_m) are preferred when there are any, else
+    # every point within the KL budget competes as before. null: no preference; "bar": the
+    # target's own ΔNLL bar (es 0.05, hi 0.10; none for other targets); or a number.
+    nll_budget: Optional[str] = None
 
     def __post_init__(self):
+        if self.nll_budget is not None and str(self.nll_budget) != "bar":
+            try:
+                ok = float(self.nll_budget) >= 0
+            except ValueError:
+                ok = False
+            _check(ok, f"tuning.nll_budget={self.nll_budget!r}: use null, bar or a number ≥ 0")
         _check(self.objective in TUNING_OBJECTIVES,
                f"tuning.objective={self.objective!r}: use one of {list(TUNING_OBJECTIVES)}")
         _check(self.kl_budget > 0, f"tuning.kl_budget={self.kl_budget}: must be > 0")

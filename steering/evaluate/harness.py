@@ -393,12 +393,16 @@ class TuningPoint:
     kl: float
     within_budget: bool
     default: float | None = None  # objective="default" only: the guarded DEFAULT rate
+    # With an NLL budget only: mean ΔNLL of the tuning sentences, and whether it is within.
+    nll_change: float | None = None
+    fluent: bool | None = None
 
     def to_dict(self) -> dict:
         out = {"lam": self.lam, "beta": self.beta, "delta_m": self.delta_m, "kl": self.kl,
                "within_budget": self.within_budget}
-        if self.default is not None:
-            out["default"] = self.default
+        for key in ("default", "nll_change", "fluent"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
 
@@ -442,7 +446,7 @@ def tune_strengths(model, tokenizer, artifact: SteeringArtifact, tuned: str, *,
                    token_sets: LanguageTokenSets, kl_budget: float, lams: Sequence[float],
                    betas: Sequence[float], settings: EvalSettings,
                    stop_over_budget: bool = True, objective: str = "delta_m",
-                   identifiers=None, relevance=None
+                   identifiers=None, relevance=None, nll_budget: float | None = None
                    ) -> tuple[SteeringArtifact, list[TuningPoint], bool]:
     """(λ, β) by maximum mean ΔM on tuning prompts subject to mean KL_gen ≤ ``kl_budget`` on
     tuning target sentences. Returns the tuned artifact, the grid points measured, and whether
@@ -459,7 +463,11 @@ def tune_strengths(model, tokenizer, artifact: SteeringArtifact, tuned: str, *,
     ``stop_over_budget``: along λ at a fixed β (along β for a β-only method) the first point
     over the budget ends that line: the push only grows, and so does its KL (monotone in every
     demo sweep, docs/results.md), so the larger strengths could not be chosen. The smallest
-    strength of each line is always measured, so the smallest-KL fallback is unchanged."""
+    strength of each line is always measured, so the smallest-KL fallback is unchanged.
+
+    ``nll_budget`` (nats/token): each point also records the mean ΔNLL of the tuning
+    sentences (free: the KL's forward gives it) and :func:`best_point` prefers the points
+    within both budgets that work (``tuning.nll_budget``)."""
     if objective not in TUNING_OBJECTIVES:
         raise ValueError(f"objective={objective!r}: use one of {TUNING_OBJECTIVES}")
     grid = strength_grid(tuned, lams, betas)
@@ -474,9 +482,11 @@ def tune_strengths(model, tokenizer, artifact: SteeringArtifact, tuned: str, *,
         if stop_over_budget and line in over_lines:
             continue
         cand = artifact.with_strengths(lam=lam, beta=beta, gamma=1.0)
-        kl = sentence_scores(model, tokenizer, sentences, cand, modes=("gen",),
-                             batch_size=settings.batch_size).kl["gen"]
-        kl_mean = float(np.nanmean(kl))
+        scores = sentence_scores(model, tokenizer, sentences, cand, modes=("gen",),
+                                 batch_size=settings.batch_size)
+        kl_mean = float(np.nanmean(scores.kl["gen"]))
+        nll_change = (None if nll_budget is None
+                      else float(np.nanmean(scores.nll["gen"] - scores.nll_base)))
         full = objective == "default"
         gens = generate(model, tokenizer, prompts, cand, token_sets, artifact.target,
                         artifact.english, settings,
@@ -490,11 +500,13 @@ def tune_strengths(model, tokenizer, artifact: SteeringArtifact, tuned: str, *,
                     rows=np.flatnonzero(ok)))
             default = float(ok.mean())
         points.append(TuningPoint(lam, beta, float(gens.delta_m.mean()), kl_mean,
-                                  kl_mean <= kl_budget, default))
+                                  kl_mean <= kl_budget, default, nll_change,
+                                  None if nll_budget is None else nll_change <= nll_budget))
         if not points[-1].within_budget:
             over_lines.add(line)
-        log.info("  tune %s λ=%g β=%g: ΔM %+.4f, KL %.4f%s%s", artifact.method, lam, beta,
+        log.info("  tune %s λ=%g β=%g: ΔM %+.4f, KL %.4f%s%s%s", artifact.method, lam, beta,
                  points[-1].delta_m, kl_mean, "" if default is None else f", DEFAULT {default:.2f}",
+                 "" if nll_change is None else f", ΔNLL {nll_change:+.3f}",
                  "" if points[-1].within_budget else " (over)")
     best, ok = best_point(points, objective)
     return artifact.with_strengths(lam=best.lam, beta=best.beta, gamma=1.0), points, ok
@@ -510,8 +522,15 @@ def tuning_rank(objective: str):
 def best_point(points: Sequence[TuningPoint], objective: str = "delta_m"
                ) -> tuple[TuningPoint, bool]:
     """The best point by ``objective`` among those within the budget, else the smallest-KL
-    one; and whether any point met the budget."""
+    one; and whether any point met the budget. Points measured with an NLL budget
+    (``fluent`` set): those within it that work (DEFAULT > 0 for the default objective, else
+    ΔM > 0) are preferred among the points within the KL budget when there are any."""
     ok = [p for p in points if p.within_budget]
     if ok:
-        return max(ok, key=tuning_rank(objective)), True
+        def works(p: TuningPoint) -> bool:
+            value = p.default if objective == "default" else p.delta_m
+            return value is not None and value > 0
+
+        preferred = [p for p in ok if p.fluent and works(p)]
+        return max(preferred or ok, key=tuning_rank(objective)), True
     return min(points, key=lambda p: p.kl), False

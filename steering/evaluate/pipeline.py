@@ -408,10 +408,25 @@ def calibrate_relevance(run: SteerRun) -> RelevanceCheck | None:
     return RelevanceCheck(tau, template, settings, questions)
 
 
+def tuning_nll_budget(cfg) -> float | None:
+    """``tuning.nll_budget`` for the run's target: "bar" is the target's ΔNLL bar (None, with a
+    warning, for a target without bars)."""
+    budget = cfg.tuning.nll_budget
+    if budget is None:
+        return None
+    if str(budget) == "bar":
+        bar = BARS.get(cfg.target, {}).get("nll_change_gen")
+        if bar is None:
+            log.warning("tuning.nll_budget=bar: %s has no ΔNLL bar; no fluency preference",
+                        cfg.target)
+        return bar
+    return float(budget)
+
+
 def harness_tuner(run: SteerRun, splits: SteerSplits) -> HarnessTuner:
     return HarnessTuner(run.model, run.tokenizer, splits.tune_prompts, splits.tune_sents,
                         run.sets, run.settings, run.identifiers, run.cfg.tuning,
-                        relevance=splits.relevance)
+                        relevance=splits.relevance, nll_budget=tuning_nll_budget(run.cfg))
 
 
 def steer_method(run: SteerRun, method: str, request: BuildRequest, tuner: HarnessTuner,

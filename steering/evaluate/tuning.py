@@ -46,6 +46,8 @@ class HarnessTuner:
     config: Any  # steering.evaluate.config.SteerTuningConfig
     # The relevance guard, applied by the "default" objective (None: not applied).
     relevance: Any = None
+    # tuning.nll_budget resolved for the target (nats/token; None: no fluency preference).
+    nll_budget: float | None = None
 
     def tune(self, artifact: SteeringArtifact, strengths: str) -> Tuned:
         cfg = self.config
@@ -55,7 +57,7 @@ class HarnessTuner:
                                          lams=cfg.lams, betas=cfg.betas, settings=self.settings,
                                          stop_over_budget=cfg.stop_over_budget,
                                          objective=cfg.objective, identifiers=self.identifiers,
-                                         relevance=self.relevance)
+                                         relevance=self.relevance, nll_budget=self.nll_budget)
         return Tuned(art, points, ok)
 
     def best(self, points: Sequence[TuningPoint]) -> TuningPoint:
