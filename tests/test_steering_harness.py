@@ -282,15 +282,21 @@ def test_positive_only_ablation_shares_the_primary_only_when_it_tuned_beta_zero(
                             {"caa_window": {"strengths": {"lam": 1.0, "beta": 0.0}}}) is None
 
 
+def _tuning_setup(sets, direction, lams, **extra):
+    """Short generations without the NLL guard, the planted artifact, and tune_strengths'
+    keywords for a λ line at β = 0 (KL budget wide open)."""
+    settings = EvalSettings(max_new_tokens=8, batch_size=4,
+                            guards=FluencyGuards(max_nll_increase=None))
+    kw = dict(prompts=PROMPTS, sentences=SENTENCES, token_sets=sets, kl_budget=10.0,
+              lams=lams, betas=[0.0], settings=settings, **extra)
+    return settings, _artifact(direction), kw
+
+
 def test_default_objective_ranks_by_guarded_default_within_the_budget(planted):
     from steering.evaluate.harness import guarded_default
 
     model, tokenizer, sets, direction = planted
-    settings = EvalSettings(max_new_tokens=8, batch_size=4,
-                            guards=FluencyGuards(max_nll_increase=None))
-    art = _artifact(direction)
-    kw = dict(prompts=PROMPTS, sentences=SENTENCES, token_sets=sets, kl_budget=10.0,
-              lams=[0.0, 0.5, 1.0], betas=[0.0], settings=settings)
+    settings, art, kw = _tuning_setup(sets, direction, [0.0, 0.5, 1.0])
     tuned, points, ok = tune_strengths(model, tokenizer, art, "lam", objective="default", **kw)
     assert ok and all(p.default is not None and 0 <= p.default <= 1 for p in points)
     best = max(points, key=lambda p: (p.default, p.delta_m))
@@ -363,11 +369,7 @@ def test_best_point_prefers_fluent_working_points_when_there_are_any():
 
 def test_the_nll_budget_records_each_points_tuning_nll_change(planted):
     model, tokenizer, sets, direction = planted
-    settings = EvalSettings(max_new_tokens=8, batch_size=4,
-                            guards=FluencyGuards(max_nll_increase=None))
-    art = _artifact(direction)
-    kw = dict(prompts=PROMPTS, sentences=SENTENCES, token_sets=sets, kl_budget=10.0,
-              lams=[0.5, 1.0], betas=[0.0], settings=settings, objective="default")
+    settings, art, kw = _tuning_setup(sets, direction, [0.5, 1.0], objective="default")
     _, points, _ = tune_strengths(model, tokenizer, art, "lam", nll_budget=0.05, **kw)
     for p in points:
         cand = art.with_strengths(lam=p.lam, beta=0.0, gamma=1.0)
@@ -504,11 +506,7 @@ def test_default_objective_applies_the_relevance_guard(planted):
     from steering.evaluate.relevance import RelevanceCheck, RelevanceSettings, relevance_pmi
 
     model, tokenizer, sets, direction = planted
-    settings = EvalSettings(max_new_tokens=8, batch_size=4,
-                            guards=FluencyGuards(max_nll_increase=None))
-    art = _artifact(direction)
-    kw = dict(prompts=PROMPTS, sentences=SENTENCES, token_sets=sets, kl_budget=10.0,
-              lams=[0.0, 1.0], betas=[0.0], settings=settings, objective="default")
+    settings, art, kw = _tuning_setup(sets, direction, [0.0, 1.0], objective="default")
     check = lambda tau: RelevanceCheck(tau, settings.template,  # noqa: E731
                                        RelevanceSettings(n_others=2, max_tokens=8))
     _, plain, _ = tune_strengths(model, tokenizer, art, "lam", **kw)
