@@ -292,6 +292,42 @@ def test_a_localisation_without_lape_is_redone_only_when_lape_is_asked_for(tmp_p
     assert _localise_has_lape_if_asked(tmp_path, ["target=es"])
 
 
+def test_fast_without_lape_then_lape_resumes_the_lifts_and_reuses_the_steers(
+        tiny_demo_run, tmp_path, foxp2_cache_root, repo_root):
+    """The tiny demo localised without LAPE (compare=fast's tracing.lape=false), then run
+    again with the lape baseline: only the localise stage reruns, with every layer's lift
+    resumed, and the steer stage reuses the methods it finished (the localisation's content
+    is unchanged) and builds lape from the new sets."""
+    import shutil
+
+    run = tmp_path / "demo" / "tiny_llama"
+    run.mkdir(parents=True)
+    for part in ("cache", "saes"):  # the fixture's cache and SAEs: those stages are skipped
+        shutil.copytree(tiny_demo_run / part, run / part)
+    cmd = [sys.executable, "-c", "from steering.apps.demo_app import main; main()",
+           "--config-name", "demo_tiny", f"root={tmp_path}"]
+    env = _env(foxp2_cache_root)
+    first = subprocess.run([*cmd, "compare.localise=['tracing.lape=false']",
+                            "compare.steer=['wandb.enabled=false','methods=[foxp2,caa_window]',"
+                            "'frontier.methods=[]']"],
+                           env=env, cwd=repo_root, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-6000:]
+    summary = run / "localise-es" / "localise" / "summary.json"
+    assert json.loads(summary.read_text())["lape"] == {"skipped": True}
+    # the lape baseline added: the steer stage reruns, reusing the methods it finished
+    again = subprocess.run([*cmd, "compare.steer=['wandb.enabled=false',"
+                                  "'methods=[foxp2,caa_window,lape]','frontier.methods=[]']"],
+                           env=env, cwd=repo_root, capture_output=True, text=True, timeout=900)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-6000:]
+    assert "localise-es: foxp2-localise" in out and "resume=true" in out, out[-6000:]
+    assert "resume: lift and causal gain" in out, out[-6000:]
+    assert json.loads(summary.read_text())["lape"]["target"]["n_lape"] >= 0
+    report = json.loads((run / "steer-es" / "report" / "report.json").read_text())
+    assert "foxp2: reused" in out and "caa_window: reused" in out, out[-6000:]
+    assert "lape: reused" not in out and "lape" in report["methods"]
+
+
 def test_plain_greedy_table_and_window_scan_of_a_learned_primary(tiny_demo_run, tmp_path):
     """evaluation.plain_greedy_table re-evaluates the final artifacts under plain greedy (no
     re-tuning) beside none and native; with a learned primary the window scan is CAA's (no

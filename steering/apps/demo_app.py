@@ -277,6 +277,8 @@ def run_stage(cfg, stage: Stage, cache: Path, env: dict, shared: SharedModel | N
     args = list(stage.args)
     if stage.stage in ("localise", "steer") and stage.stage in cfg.force:
         args.append("resume=false")
+    elif stage.stage == "localise" and _done("localise", stage.out):
+        args.append("resume=true")  # only LAPE is missing: every layer's lift is reused
     print(f"[foxp2-demo] {label}: {APP_NAMES[stage.stage]} {shlex.join(args)}", flush=True)
     t0 = time.perf_counter()
     if stage.stage in ("localise", "steer") and shared is not None:
