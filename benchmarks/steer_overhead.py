@@ -41,7 +41,7 @@ def main() -> None:
     from sae_train.config import ModelConfig
     from sae_train.corpora.embedded import load_embedded_prompts
     from sae_train.models.loading import load_model
-    from steering.language.defaultness import DEFAULT_TEMPLATE, left_pad
+    from steering.language.defaultness import DEFAULT_TEMPLATE, left_pad, pad_token_id
     from steering.steer.artifact import SteeringArtifact
     from steering.steer.runtime import steer
 
@@ -64,7 +64,7 @@ def main() -> None:
         synthetic_artifact(model, list(range(min(3, n_layers - 1), min(9, n_layers))))
     prompts = [DEFAULT_TEMPLATE.format(prompt=t) for t in
                [q.text for q in load_embedded_prompts(["evaluation"])][:args.batch]]
-    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad = pad_token_id(tokenizer)
     ids, attn = left_pad([tokenizer(t)["input_ids"] for t in prompts], pad)
 
     @torch.no_grad()

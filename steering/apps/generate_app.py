@@ -65,7 +65,7 @@ def run_generate(cfg) -> list[dict]:
     import torch
 
     from sae_train.models.loading import load_model
-    from steering.language.defaultness import left_pad
+    from steering.language.defaultness import left_pad, pad_token_id
     from steering.steer.artifact import SteeringArtifact
     from steering.steer.runtime import check_model_matches, prompt_with_prefix, steer
 
@@ -84,7 +84,7 @@ def run_generate(cfg) -> list[dict]:
     if cfg.check_model:
         check_model_matches(model, art, tokenizer)
     device = next(model.parameters()).device
-    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad = pad_token_id(tokenizer)
 
     @torch.no_grad()
     def run(texts, steered: bool) -> list[str]:

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 
 from steering.evaluate.judge import (FluencyGuards, bootstrap_ci, identifiers_for,
                                      judge_continuation, summarise, wilson_ci)
-from steering.language.defaultness import DEFAULT_TEMPLATE, greedy_language_masses, left_pad
+from steering.language.defaultness import (DEFAULT_TEMPLATE, greedy_language_masses, left_pad,
+                                           pad_token_id)
 from steering.language.token_sets import LanguageTokenSets
 from steering.steer.artifact import SteeringArtifact
 from steering.steer.runtime import prompt_with_prefix, steer
@@ -90,10 +91,6 @@ class EvalSettings:
     guards: FluencyGuards = field(default_factory=FluencyGuards)
 
 
-def _pad_id(tokenizer) -> int:
-    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-
-
 def _context(model, artifact: SteeringArtifact | None, gamma: float | None = None, **kw):
     if artifact is None or not artifact.edits:
         return nullcontext()
@@ -127,7 +124,7 @@ def generate(model, tokenizer, prompts: Sequence[str], artifact: SteeringArtifac
     eos = {i for i in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
     new_ids, dm = [], []
     for start in range(0, len(texts), settings.gen_batch_size):
-        ids, attn = left_pad(encoded[start:start + settings.gen_batch_size], _pad_id(tokenizer))
+        ids, attn = left_pad(encoded[start:start + settings.gen_batch_size], pad_token_id(tokenizer))
         with _context(model, artifact, gamma):
             masses, tokens = greedy_language_masses(model, ids.to(device), attn.to(device),
                                                     set_ids, n_new,
@@ -162,7 +159,7 @@ def continuation_nll(model, tokenizer, prompts: Sequence[str], continuations: li
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         seqs = [ids + cont for _, ids, cont in chunk]
-        ids, attn = left_pad(seqs, _pad_id(tokenizer))
+        ids, attn = left_pad(seqs, pad_token_id(tokenizer))
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         width = ids.shape[1]
         # column c's token is predicted at column c - 1; scored columns: the last n - skip
@@ -207,7 +204,7 @@ class HeldOutText:
         self.batches = []
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start:start + batch_size]
-            ids, attn = left_pad(chunk, _pad_id(tokenizer))
+            ids, attn = left_pad(chunk, pad_token_id(tokenizer))
             ids, attn = ids.to(device), attn.to(device)
             # The prompt-end stand-in: each row's first text token (after BOS / other
             # specials, which are never steered as a prompt end: their norms are far out of

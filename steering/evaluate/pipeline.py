@@ -232,9 +232,10 @@ def plain_greedy_table(run: SteerRun, splits: SteerSplits, methods: dict, base_k
 def method_key(run: SteerRun, base_key: dict, method: str) -> dict:
     """What a method's stored result depends on: the run's inputs and settings, plus the app
     config section its registry entry names (e.g. ``learn`` for the learned steers)."""
-    section = method_spec(method).config_section
+    spec = method_spec(method)
+    section = spec.config_section
     extra = {section: dataclasses.asdict(getattr(run.cfg, section))} if section else {}
-    if method == "lape":  # the one method that reads LAPE's sets
+    if spec.reads_lape:
         extra["lape_sets"] = run.loc.content_digest(lape=True)
     return {**base_key, "method": method, **extra}
 

@@ -68,6 +68,25 @@ def format_prompts(prompts: Sequence, template: str = DEFAULT_TEMPLATE) -> list[
     return [template.format(prompt=getattr(p, "text", p)) for p in prompts]
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id left padding fills with: the pad token, else EOS, else 0 (masked out anyway)."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
+def encode_prompts(tokenizer, prompts: Sequence, template: str = DEFAULT_TEMPLATE,
+                   add_special_tokens: bool = True) -> tuple[list[str], list[list[int]]]:
+    """(texts, token ids) of ``prompts`` formatted with ``template``; an error names a prompt
+    that tokenises to nothing."""
+    texts = format_prompts(prompts, template)
+    if not texts:
+        raise ValueError("no prompts given")
+    encoded = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    empty = [texts[i] for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"prompt {empty[0]!r} tokenises to nothing")
+    return texts, encoded
+
+
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (batch, longest), real tokens flush right."""
     length = max(len(s) for s in sequences)
@@ -179,16 +198,10 @@ def defaultness(model, tokenizer, prompts: Sequence, token_sets: LanguageTokenSe
         raise ValueError(f"steps and batch_size must be ≥ 1 (got {steps}, {batch_size})")
     if target == english:
         raise ValueError(f"target and english are both {target!r}; ΔM would be 0")
-    texts = format_prompts(prompts, template)
-    if not texts:
-        raise ValueError("no prompts given")
+    texts, encoded = encode_prompts(tokenizer, prompts, template, add_special_tokens)
     device = next(model.parameters()).device
     set_ids = [token_sets.id_tensor(target, device), token_sets.id_tensor(english, device)]
-    encoded = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-    empty = [texts[i] for i, ids in enumerate(encoded) if not ids]
-    if empty:
-        raise ValueError(f"prompt {empty[0]!r} tokenises to nothing")
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = pad_token_id(tokenizer)
     mass_chunks, token_chunks = [], []
     for start in range(0, len(texts), batch_size):
         input_ids, attention_mask = left_pad(encoded[start:start + batch_size], pad_id)

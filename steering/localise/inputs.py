@@ -18,6 +18,7 @@ from sae_train.cache.manifest import CacheError
 from sae_train.cache.reader import ActivationCache
 from sae_train.cache.writer import pad_contexts, plan_contexts
 from sae_train.models.sites import resolve_sites
+from steering.language.defaultness import pad_token_id
 from steering.localise.ledger import LocaliseError
 from steering.localise.selectivity import paired_documents
 
@@ -184,8 +185,7 @@ def paired_mlp_activations_from_model(model, tokenizer, target_texts: Sequence[s
     contexts = plan_contexts(docs, tokenizer, max_length, sort_by_length=False)
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i].ids))  # less padding
     n_docs, device = len(docs), next(model.parameters()).device
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None),
-                  0)
+    pad_id = pad_token_id(tokenizer)
     sums = {s.name: torch.zeros(n_docs, s.width, dtype=torch.float64) for s in sites}
     last = {s.name: torch.zeros(n_docs, s.width, dtype=torch.float32) for s in sites}
     # The document's last window: the last of its contexts in plan order.

@@ -39,6 +39,7 @@ import torch
 
 from sae_train.models.sites import (architecture_layout, decoder_layers, first_tensor,
                                     resolve_sites, site_module)
+from steering.language.defaultness import pad_token_id
 
 log = logging.getLogger(__name__)
 ACTIVE_CRITERIA = ("value", "gate")
@@ -292,7 +293,7 @@ def activation_probabilities_from_model(model, tokenizer, texts_by_lang: dict[st
         raise ValueError("texts_by_lang is empty")
     device = next(model.parameters()).device
     special = set(tokenizer.all_special_ids)
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = pad_token_id(tokenizer)
     counts = torch.zeros(len(layers), len(languages), sites[0].width, dtype=torch.float64)
     n_tokens = torch.zeros(len(languages), dtype=torch.long)
     state: dict = {}

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from sae_train.models.sites import decoder_layers, first_tensor, resolve_sites, site_module
 from steering.language.defaultness import (DEFAULT_TEMPLATE, DefaultnessResult, defaultness,
-                                           format_prompts, left_pad)
+                                           encode_prompts, left_pad, pad_token_id)
 from steering.language.token_sets import LanguageTokenSets
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def typical_norm_from_model(model, tokenizer, texts: Sequence[str], site: str,
     padding excluded), by running the model with a hook."""
     module, where = site_module(model, site)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)) or [-1])
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     norms, state = [], {}
 
@@ -297,15 +297,10 @@ def edited_rows_delta_m(model, tokenizer, prompts: Sequence, row_prompts: Sequen
     of the same prompt should be adjacent (a batch then holds a few prompts)."""
     from steering.language.defaultness import greedy_language_masses
 
-    texts = format_prompts(prompts, template)
-    encoded = tokenizer(texts)["input_ids"]
-    empty = [texts[i] for i, ids in enumerate(encoded) if not ids]
-    if empty:
-        raise ValueError(f"prompt {empty[0]!r} tokenises to nothing")
+    _, encoded = encode_prompts(tokenizer, prompts, template)
     device = next(model.parameters()).device
     set_ids = [token_sets.id_tensor(target, device), token_sets.id_tensor(english, device)]
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None),
-                  0)
+    pad_id = pad_token_id(tokenizer)
     row_prompts = torch.as_tensor(list(row_prompts), dtype=torch.long)
     out = []
     for start in range(0, len(row_prompts), batch_size):
@@ -415,7 +410,7 @@ def logit_mass_lift(model, tokenizer, prompts: Sequence, token_sets: LanguageTok
     pushes = alpha * float(scale)
     # Rows go prompt by prompt, shortest prompt first: a batch then holds two or three prompts
     # of similar length instead of all of them, so little of it is left padding.
-    lengths = [len(ids) for ids in tokenizer(format_prompts(prompts, template))["input_ids"]]
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts, template)[1]]
     order = sorted(range(n_p), key=lambda i: lengths[i])
     per_prompt = n_a * n_f
 

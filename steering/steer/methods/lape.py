@@ -23,4 +23,5 @@ def build_lape(request: BuildRequest) -> SteeringArtifact:
     return request.artifact("lape", edits)
 
 
-LAPE = MethodSpec("lape", build_lape, Tuning("both"), "neuron mode on LAPE's neurons")
+LAPE = MethodSpec("lape", build_lape, Tuning("both"), "neuron mode on LAPE's neurons",
+                  reads_lape=True)

@@ -152,6 +152,9 @@ class MethodSpec:
     # (a method from elsewhere that FOXP2 must beat) or "control" (an ablation or null that
     # says whether a part matters: never reported as the best baseline).
     role: str = "baseline"
+    # The method reads LAPE's per-layer sets from the localisation: they are part of the key
+    # its stored result is reused under (no other method's key holds them).
+    reads_lape: bool = False
 
     def __post_init__(self):
         if self.role not in ROLES:
