@@ -278,6 +278,13 @@ def test_demo_rerun_skips_or_resumes_the_steer_stage(tiny_demo_run, foxp2_cache_
     assert "en → es" in out and "FOXP2 (headline)" in out
 
 
+def test_bad_train_processes_is_refused():
+    from steering.apps.demo_app import DemoAppConfig
+
+    with pytest.raises(ValueError, match="train_processes"):
+        DemoAppConfig(train_processes=0)
+
+
 def test_a_localisation_without_lape_is_redone_only_when_lape_is_asked_for(tmp_path):
     """compare=fast localises with tracing.lape=false; compare=full (no such override) must
     redo the localise stage (resuming its lifts) to get the lape baseline's neurons."""

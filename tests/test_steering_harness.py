@@ -194,6 +194,11 @@ def test_steer_settings_are_checked_at_start():
         SteerEvalConfig(gen_batch_size=0)
     with pytest.raises(LocaliseConfigError, match="caa_layer_stride"):
         SteerTuningConfig(caa_layer_stride=0)
+    for bad in ("lots", "-0.1"):
+        with pytest.raises(LocaliseConfigError, match="tuning.nll_budget"):
+            SteerTuningConfig(nll_budget=bad)
+    assert SteerTuningConfig(nll_budget="bar").nll_budget == "bar"
+    assert SteerTuningConfig(nll_budget="0.05").nll_budget == "0.05"
     assert SteerAppConfig(sustain=0.33).sustain == 0.33
 
 
