@@ -30,7 +30,7 @@ def child(model_name: str, n_prompts: int, n_sentences: int, max_new_tokens: int
     from sae_train.corpora.embedded import load_embedded_prompts, load_prompt_translations
     from steering import api
     from steering.evaluate.harness import (EvalSettings, HeldOutText, continuation_nll,
-                                           generate)
+                                           generate, sentence_scores)
     from steering.language.token_sets import build_language_token_sets
 
     model, tokenizer, _ = api.load_model(f"model={model_name}")
@@ -48,7 +48,7 @@ def child(model_name: str, n_prompts: int, n_sentences: int, max_new_tokens: int
     nll = continuation_nll(model, tokenizer, prompts, gens.new_ids, 0, settings.template,
                            settings.batch_size)
     text = HeldOutText(model, tokenizer, sentences, settings.batch_size, keep_base=False)
-    held = [float(text.base(b).logsumexp(-1).mean()) for b in text.batches]
+    held = [float(v) for v in sentence_scores(model, tokenizer, text, None, modes=()).nll_base]
     after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
     return {"wall": wall, "sys": after.ru_stime - before.ru_stime,
             "faults": after.ru_minflt - before.ru_minflt,

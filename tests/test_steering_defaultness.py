@@ -129,6 +129,7 @@ def test_bad_inputs_are_refused(load_tiny):
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("decoding", [{"repetition_penalty": 1.5},
                                       {"no_repeat_ngram_size": 2},
+                                      {"no_repeat_ngram_size": 3},
                                       {"repetition_penalty": 1.2, "no_repeat_ngram_size": 3}])
 def test_decoding_options_decode_as_generate_does(load_tiny, arch, decoding):
     from steering.language.defaultness import greedy_language_masses, left_pad
@@ -150,6 +151,27 @@ def test_decoding_options_decode_as_generate_does(load_tiny, arch, decoding):
     assert not torch.equal(tokens, plain)  # the option changed the decode here
     # the masses are the model's own distribution: the same until the paths part
     assert torch.allclose(masses[..., 0], plain_masses[..., 0])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_sparse_no_repeat_argmax_equals_the_processor(n):
+    """The decode's no-repeat path against transformers' processor on rows built to repeat
+    (a 3-token alphabet: many steps hit a banned n-gram), ids past the logits included."""
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    from steering.language.defaultness import _no_repeat_argmax
+
+    g = torch.Generator().manual_seed(n)
+    hits = 0
+    for length in range(1, 20):
+        seen = torch.randint(0, 3, (6, length), generator=g)
+        seen[0, 0] = 40  # past the logits: never banned
+        logits = torch.randn(6, 30, generator=g)
+        logits[:, :3] += 5  # the argmax is in the alphabet
+        want = NoRepeatNGramLogitsProcessor(n)(seen, logits.clone()).argmax(-1)
+        assert torch.equal(_no_repeat_argmax(seen, logits.clone(), n), want)
+        hits += int((want != logits.argmax(-1)).sum())
+    assert hits > 10  # the ban changed many choices
 
 
 def test_bad_decoding_options(load_tiny):

@@ -247,6 +247,32 @@ def test_held_out_text_reuses_the_base_and_matches_plain_sentences(planted):
         sentence_scores(copy.deepcopy(model), tokenizer, text, art)
 
 
+def test_sentence_scores_equal_the_plain_full_vocabulary_kl(planted):
+    """The chunked KL / NLL of held-out text against the steered model's own logits."""
+    from steering.language.defaultness import left_pad, pad_token_id
+    from steering.steer.runtime import steer
+
+    model, tokenizer, _sets, direction = planted
+    art = _artifact(direction)
+    got = sentence_scores(model, tokenizer, SENTENCES, art, modes=("all",), batch_size=2)
+    ids, attn = left_pad(tokenizer(SENTENCES)["input_ids"], pad_token_id(tokenizer))
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+        with steer(model, art, position="all"):
+            steered = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+    base, steered = (x[:, :-1].float().log_softmax(-1) for x in (base, steered))
+    valid = (attn[:, 1:] * attn[:, :-1]).float()
+    mean = lambda v: ((v * valid).sum(-1) / valid.sum(-1)).numpy()  # noqa: E731
+    targets = ids[:, 1:, None]
+    np.testing.assert_allclose(got.nll_base, mean(-base.gather(-1, targets)[..., 0]), atol=1e-5)
+    np.testing.assert_allclose(got.nll["all"], mean(-steered.gather(-1, targets)[..., 0]),
+                               atol=1e-5)
+    want_kl = mean((steered.exp() * (steered - base)).sum(-1))
+    assert want_kl.min() > 1e-3  # the steer moves the distributions
+    np.testing.assert_allclose(got.kl["all"], want_kl, rtol=1e-4, atol=1e-6)
+
+
 def test_continuation_nll_scores_only_the_kept_columns_correctly(planted):
     from steering.evaluate.harness import continuation_nll
     from steering.language.defaultness import DEFAULT_TEMPLATE

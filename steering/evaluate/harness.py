@@ -53,6 +53,7 @@ from steering.evaluate.judge import (FluencyGuards, bootstrap_ci, identifiers_fo
                                      judge_continuation, summarise, wilson_ci)
 from steering.language.defaultness import (DEFAULT_TEMPLATE, greedy_language_masses, left_pad,
                                            pad_token_id)
+from steering.language.head import OutputHead, decoder_body, final_hidden
 from steering.language.token_sets import LanguageTokenSets
 from steering.steer.artifact import SteeringArtifact
 from steering.steer.runtime import prompt_with_prefix, steer
@@ -147,9 +148,10 @@ def continuation_nll(model, tokenizer, prompts: Sequence[str], continuations: li
     """Mean NLL (nats/token) under the *unsteered* model of each continuation's tokens after
     the first ``skip`` (NaN when none are left). The prompt is formatted as the method saw it.
 
-    Only the scored columns go through the LM head (``logits_to_keep``): the rows are
-    left-padded, so every continuation ends at the last column."""
+    Only the scored positions go through the LM head, in vocabulary chunks
+    (:class:`steering.language.head.OutputHead`: no full-vocabulary float32 log-softmax)."""
     device = next(model.parameters()).device
+    body, head = decoder_body(model), OutputHead.of(model)
     out = np.full(len(prompts), np.nan)
     rows = []
     for i, (p, cont) in enumerate(zip(prompts, continuations)):
@@ -158,22 +160,22 @@ def continuation_nll(model, tokenizer, prompts: Sequence[str], continuations: li
             rows.append((i, ids, cont))
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        seqs = [ids + cont for _, ids, cont in chunk]
-        ids, attn = left_pad(seqs, pad_token_id(tokenizer))
+        ids, attn = left_pad([ids + cont for _, ids, cont in chunk], pad_token_id(tokenizer))
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         width = ids.shape[1]
-        # column c's token is predicted at column c - 1; scored columns: the last n - skip
-        keep = max(len(cont) for _, _, cont in chunk) - skip + 1
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device),
-                       position_ids=pos.to(device), use_cache=False,
-                       logits_to_keep=keep).logits.float()
-        logp = logits.log_softmax(-1)  # (B, keep, V): column width - keep + j
-        for b, (i, _p, cont) in enumerate(chunk):
-            n = len(cont)
-            cols = torch.arange(width - n + skip, width, device=device)  # predicted columns
-            nll = -logp[b, cols - 1 - (width - keep)].gather(
-                -1, ids[b, cols].to(device)[:, None]).squeeze(-1)
-            out[i] = float(nll.mean())
+        hidden = body(input_ids=ids.to(device), attention_mask=attn.to(device),
+                      position_ids=pos.to(device), use_cache=False).last_hidden_state
+        # left-padded: continuation b ends at the last column; column c is predicted at c - 1
+        row_of, col_of = [], []
+        for b, (_i, _ids, cont) in enumerate(chunk):
+            cols = range(width - len(cont) + skip, width)
+            row_of += [b] * len(cols)
+            col_of += list(cols)
+        row_t, col_t = torch.tensor(row_of), torch.tensor(col_of)
+        nll = head.token_nll(hidden[row_t.to(device), (col_t - 1).to(device)],
+                             ids[row_t, col_t].to(device)).cpu()
+        for b, (i, _ids, _cont) in enumerate(chunk):
+            out[i] = float(nll[row_t == b].mean())
     return out
 
 
@@ -187,17 +189,19 @@ class SentenceScores:
 
 class HeldOutText:
     """Held-out target sentences tokenised into left-padded batches, with the *unsteered*
-    model's next-token log-probs computed once and kept.
+    model's final hidden states at the scored positions computed once and kept.
 
-    Every method and every tuning point compares its steered distributions against the same
-    base ones, so keeping them saves one full-vocabulary forward per call (a third of an
-    evaluation, half of a tuning point). Memory: sentences × tokens × vocabulary float32 (48
-    sentences of ≤ 21 tokens with Gemma's 262k vocabulary: 1 GB); ``keep_base=False`` trades
-    it back for the recomputation."""
+    Every method and every tuning point compares its steered next-token distributions against
+    the same base ones. Keeping the base hidden states (positions × d: 0.4 MB for 16 sentences
+    on Gemma-3-270m) rather than base log-probs (positions × vocabulary float32: 1 GB for 48
+    sentences) saves the body's forward per call; the head recomputes base logits chunk by
+    chunk next to the steered ones (:meth:`steering.language.head.OutputHead.kl_and_nll`).
+    ``keep_base=False`` recomputes them each call."""
 
     def __init__(self, model, tokenizer, sentences: Sequence[str], batch_size: int = 16,
                  keep_base: bool = True):
         self.model, self.sentences, self.keep_base = model, list(sentences), keep_base
+        self.head = OutputHead.of(model)
         device = next(model.parameters()).device
         encoded = tokenizer(self.sentences)["input_ids"]
         special = torch.tensor(sorted(set(tokenizer.all_special_ids)) or [-1], device=device)
@@ -212,27 +216,29 @@ class HeldOutText:
             first = (attn.shape[1] - attn.sum(-1)).long()
             rows = torch.arange(len(chunk), device=device)
             first = first + torch.isin(ids[rows, first], special).long()
+            valid = attn[:, 1:].bool() & attn[:, :-1].bool()  # position c predicts c + 1
             self.batches.append({"start": start, "ids": ids, "attn": attn,
                                  "pos": (attn.cumsum(-1) - 1).clamp(min=0), "first": first,
-                                 "valid": attn[:, 1:].bool() & attn[:, :-1].bool(),
-                                 "base": None})
+                                 "valid": valid, "targets": ids[:, 1:][valid],
+                                 "row": valid.nonzero()[:, 0], "base": None})
 
     def __len__(self) -> int:
         return len(self.sentences)
 
-    def log_probs(self, batch: dict) -> torch.Tensor:
-        """(B, L-1, V) float32 next-token log-probs of one batch under the model as it is now."""
-        return self.model(input_ids=batch["ids"], attention_mask=batch["attn"],
-                          position_ids=batch["pos"],
-                          use_cache=False).logits[:, :-1].float().log_softmax(-1)
+    def hidden(self, batch: dict) -> torch.Tensor:
+        """(positions, d) final hidden states of one batch's scored positions under the model
+        as it is now (steering hooks included)."""
+        out = final_hidden(self.model, input_ids=batch["ids"], attention_mask=batch["attn"],
+                           position_ids=batch["pos"])
+        return out[:, :-1][batch["valid"]]
 
     def base(self, batch: dict) -> torch.Tensor:
         if batch["base"] is not None:
             return batch["base"]
-        logp = self.log_probs(batch)
+        hidden = self.hidden(batch)
         if self.keep_base:
-            batch["base"] = logp
-        return logp
+            batch["base"] = hidden
+        return hidden
 
 
 @torch.no_grad()
@@ -240,7 +246,7 @@ def sentence_scores(model, tokenizer, sentences: Sequence[str] | HeldOutText,
                     artifact: SteeringArtifact | None, modes: Sequence[str] = ("gen", "all"),
                     batch_size: int = 16, gamma: float | None = None) -> SentenceScores:
     """Per-sentence NLL of held-out target text, base and steered, and KL(steered ‖ base).
-    ``sentences``: strings, or a :class:`HeldOutText` of them (its base log-probs are reused)."""
+    ``sentences``: strings, or a :class:`HeldOutText` of them (its base states are reused)."""
     text = sentences if isinstance(sentences, HeldOutText) else \
         HeldOutText(model, tokenizer, sentences, batch_size, keep_base=False)
     if text.model is not model:
@@ -251,27 +257,29 @@ def sentence_scores(model, tokenizer, sentences: Sequence[str] | HeldOutText,
     kl = {m: np.full(n, np.nan) for m in modes}
     for batch in text.batches:
         rows = slice(batch["start"], batch["start"] + len(batch["ids"]))
-        target_ids, valid = batch["ids"][:, 1:], batch["valid"]
-        base = text.base(batch)
+        counts = batch["valid"].sum(-1).clamp(min=1).float()
 
         def per_row(values):
-            v = (values * valid).sum(-1) / valid.sum(-1).clamp(min=1)
-            return v.cpu().numpy()
+            sums = torch.zeros(len(batch["ids"]), device=values.device)
+            return (sums.index_add_(0, batch["row"], values) / counts).cpu().numpy()
 
-        nll_base[rows] = per_row(-base.gather(-1, target_ids[..., None]).squeeze(-1))
+        base = text.base(batch)
+        base_nll = text.head.token_nll(base, batch["targets"])
+        nll_base[rows] = per_row(base_nll)
         for mode in modes:
             if artifact is None or not artifact.edits:
-                steered = base
-            else:
-                # gen: the artifact's own position mode (an all-positions steer is measured
-                # at all positions); all: every position whatever the artifact says.
-                position = "all" if mode == "all" else artifact.position
-                with steer(model, artifact, gamma=gamma, position=position) as s:
-                    if position == "prompt_end":
-                        s.pin_prompt_end(batch["first"])
-                    steered = text.log_probs(batch)
-            nll[mode][rows] = per_row(-steered.gather(-1, target_ids[..., None]).squeeze(-1))
-            kl[mode][rows] = per_row((steered.exp() * (steered - base)).sum(-1))
+                nll[mode][rows], kl[mode][rows] = nll_base[rows], 0.0
+                continue
+            # gen: the artifact's own position mode (an all-positions steer is measured
+            # at all positions); all: every position whatever the artifact says.
+            position = "all" if mode == "all" else artifact.position
+            with steer(model, artifact, gamma=gamma, position=position) as s:
+                if position == "prompt_end":
+                    s.pin_prompt_end(batch["first"])
+                steered = text.hidden(batch)
+            steered_nll, _, divergence = text.head.kl_and_nll(steered, base, batch["targets"])
+            nll[mode][rows] = per_row(steered_nll)
+            kl[mode][rows] = per_row(divergence)
     return SentenceScores(nll_base, nll, kl)
 
 

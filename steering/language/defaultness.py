@@ -135,12 +135,14 @@ def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch
         raise ValueError(f"repetition_penalty={repetition_penalty}: must be > 0 (1: off)")
     if no_repeat_ngram_size < 0:
         raise ValueError(f"no_repeat_ngram_size={no_repeat_ngram_size}: must be ≥ 0 (0: off)")
-    # transformers' own processors, so the decode is generate()'s by construction
+    # transformers' own processors, so the decode is generate()'s by construction; the
+    # no-repeat ban alone takes a sparse path with the same result (_no_repeat_argmax)
     processors = []
     if repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
     if no_repeat_ngram_size > 0:
         processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+    only_no_repeat = len(processors) == 1 and no_repeat_ngram_size > 0
     seen = input_ids if processors else None  # every id so far, per row
     device = input_ids.device
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -166,6 +168,9 @@ def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch
             masses[k, :, step] = probs.index_select(-1, ids).sum(-1).cpu()
         if seen is None:
             chosen = logits.argmax(-1)
+        elif only_no_repeat:
+            chosen = _no_repeat_argmax(seen, logits, no_repeat_ngram_size)
+            seen = torch.cat([seen, chosen[:, None]], 1)
         else:
             scores = logits
             for process in processors:
@@ -181,6 +186,27 @@ def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch
                     position_ids=position_ids, use_cache=True, logits_to_keep=1,
                     **{_cache_keyword(model): _returned_cache(out)})
     return masses, tokens
+
+
+def _no_repeat_argmax(seen: torch.Tensor, logits: torch.Tensor, n: int) -> torch.Tensor:
+    """``NoRepeatNGramLogitsProcessor(n)(seen, logits).argmax(-1)`` without its (batch ×
+    vocabulary) mask and copy: the plain argmax, redone only in the rows where it completes
+    an n-gram already in the row (a token is banned where a window of ``seen`` starts with the
+    row's last n − 1 tokens; ids past the logits cannot be generated and are ignored)."""
+    chosen = logits.argmax(-1)
+    length = seen.shape[1]
+    if length < n:
+        return chosen
+    windows = seen.unfold(1, n, 1)  # (B, W, n)
+    prefix = seen[:, length + 1 - n:]
+    matches = (windows[..., :-1] == prefix[:, None]).all(-1)
+    banned = torch.where(matches, windows[..., -1], -1)  # (B, W); -1: no ban
+    for row in (banned == chosen[:, None]).any(-1).nonzero()[:, 0].tolist():
+        ids = banned[row][(banned[row] >= 0) & (banned[row] < logits.shape[-1])]
+        scores = logits[row].clone()
+        scores[ids] = -float("inf")
+        chosen[row] = scores.argmax()
+    return chosen
 
 
 def defaultness(model, tokenizer, prompts: Sequence, token_sets: LanguageTokenSets,

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from sae_train.models.sites import site_module
+from steering.language.head import OutputHead, decoder_body
 from steering.steer.artifact import LayerEdit, SteeringArtifact
 
 log = logging.getLogger(__name__)
@@ -234,26 +235,6 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, 
     return ids, mask
 
 
-def _hidden_and_head(model, vocab: Optional[Tensor] = None):
-    """(decoder body, a function hidden → logits) of an HF causal LM, so that the LM head
-    (262k rows on Gemma) runs on the scored positions only, and on the rows ``vocab`` only
-    when given."""
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None) or \
-        getattr(getattr(model.config, "text_config", None), "final_logit_softcapping", None)
-
-    def logits(hidden: Tensor) -> Tensor:
-        if vocab is None:
-            out = head(hidden).float()
-        else:
-            rows = vocab.to(head.weight.device)
-            bias = head.bias[rows] if getattr(head, "bias", None) is not None else None
-            out = torch.nn.functional.linear(hidden, head.weight[rows], bias).float()
-        return torch.tanh(out / cap) * cap if cap else out
-    return body, logits
-
-
 def token_nll(model, steer: Optional[NeuronShift], batch: Sequence[TeacherExample],
               cfg: LearnConfig, position: str, decode_steps: int, sustain: float, pad_id: int,
               prompts: Optional[Sequence[Sequence[int]]] = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -264,7 +245,7 @@ def token_nll(model, steer: Optional[NeuronShift], batch: Sequence[TeacherExampl
     ids, mask = right_pad(seqs, pad_id)
     device = next(model.parameters()).device
     ends = torch.tensor([len(head) - 1 for head in heads])
-    body, to_logits = _hidden_and_head(model)
+    body, head = decoder_body(model), OutputHead.of(model)
     weights = position_weights(ends, ids.shape[1], position, decode_steps, sustain)
     ctx = shifted(model, steer, weights) if steer is not None else _nothing()
     with ctx:
@@ -280,8 +261,8 @@ def token_nll(model, steer: Optional[NeuronShift], batch: Sequence[TeacherExampl
             tok_w.append(cfg.first_weight if j < cfg.first_tokens else 1.0)
     row = torch.tensor(rows, device=device)
     picked = hidden[row, torch.tensor(cols, device=device)]
-    logp = to_logits(picked).log_softmax(-1)
-    nll = -logp.gather(-1, torch.tensor(targets, device=device)[:, None]).squeeze(-1)
+    # the chunked head: no (tokens × vocabulary) float32 log-softmax kept for the backward
+    nll = head.token_nll(picked, torch.tensor(targets, device=device))
     return nll, row, torch.tensor(tok_w, device=device)
 
 
@@ -361,21 +342,21 @@ class HeldOutKL:
     def _restrict(self, batch_size: int) -> None:
         """U from the unsteered top-k of every position, and the base log-probs on U (one
         forward per batch: the valid positions' hidden states are kept for the second step)."""
-        body, full = _hidden_and_head(self.model)
+        body, head = decoder_body(self.model), OutputHead.of(self.model)
         device = next(self.model.parameters()).device
         top, hiddens, counts = set(), [], []
         for start in range(0, len(self.rows), batch_size):
             ids, mask, _ = self.batch(range(start, min(start + batch_size, len(self.rows))))
             hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device),
                           use_cache=False).last_hidden_state[mask.to(device).bool()]
-            logits = full(hidden)
+            logits = head.logits(hidden)
             top.update(logits.topk(min(self.top_k, logits.shape[-1]), -1).indices.flatten()
                        .tolist())
             hiddens.append(hidden)
             counts += mask.sum(-1).tolist()
         self.vocab = torch.tensor(sorted(top), dtype=torch.long)
-        _, restricted = _hidden_and_head(self.model, self.vocab)
-        self.base_rows = list(restricted(torch.cat(hiddens)).log_softmax(-1).split(counts))
+        self.base_rows = list(head.logits(torch.cat(hiddens), self.vocab).log_softmax(-1)
+                              .split(counts))
         log.info("held-out KL on %d sentences restricted to %d tokens (the unsteered top-%d of "
                  "every position)", len(self.rows), len(self.vocab), self.top_k)
 
@@ -388,10 +369,10 @@ class HeldOutKL:
     def _logits(self, ids: Tensor, mask: Tensor, vocab: Optional[Tensor] = None) -> Tensor:
         """Logits of every valid position (rows in order), over ``vocab`` or all tokens."""
         device = next(self.model.parameters()).device
-        body, to_logits = _hidden_and_head(self.model, vocab)
-        hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device),
-                      use_cache=False).last_hidden_state
-        return to_logits(hidden[mask.to(device).bool()])
+        hidden = decoder_body(self.model)(input_ids=ids.to(device),
+                                          attention_mask=mask.to(device),
+                                          use_cache=False).last_hidden_state
+        return OutputHead.of(self.model).logits(hidden[mask.to(device).bool()], vocab)
 
     def log_probs(self, ids: Tensor, mask: Tensor) -> Tensor:
         return self._logits(ids, mask, self.vocab).log_softmax(-1)
