@@ -134,6 +134,22 @@ def test_geometric_median_ignores_outliers():
     assert (points.mean(0) - 5.0).abs().min() > 90  # the mean is dragged away
 
 
+def test_geometric_median_is_weiszfelds_point():
+    """The matrix-vector form against the textbook iteration, and the optimum's condition:
+    the unit vectors from the median to the points sum to ≈ 0."""
+    g = torch.Generator().manual_seed(1)
+    points = torch.randn(2000, 16, generator=g) * torch.linspace(0.5, 3, 16) + 2.0
+    x = points.double()
+    plain = x.mean(0)
+    for _ in range(100):
+        w = 1 / (x - plain).norm(dim=1).clamp_min(1e-12)
+        plain = (w[:, None] * x).sum(0) / w.sum()
+    median = geometric_median(points)
+    torch.testing.assert_close(median.double(), plain, rtol=1e-6, atol=1e-6)
+    pull = ((x - median.double()) / (x - median.double()).norm(dim=1, keepdim=True)).sum(0)
+    assert pull.norm() < 1e-3 * len(points)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_saved_sae_takes_raw_activations_and_matches_training_time(name, tmp_path):
     x = _data()
