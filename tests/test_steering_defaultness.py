@@ -154,12 +154,12 @@ def test_decoding_options_decode_as_generate_does(load_tiny, arch, decoding):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
-def test_sparse_no_repeat_argmax_equals_the_processor(n):
+def test_sparse_no_repeat_bans_equal_the_processor(n):
     """The decode's no-repeat path against transformers' processor on rows built to repeat
     (a 3-token alphabet: many steps hit a banned n-gram), ids past the logits included."""
     from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-    from steering.language.defaultness import _no_repeat_argmax
+    from steering.language.defaultness import _no_repeat_bans
 
     g = torch.Generator().manual_seed(n)
     hits = 0
@@ -169,7 +169,9 @@ def test_sparse_no_repeat_argmax_equals_the_processor(n):
         logits = torch.randn(6, 30, generator=g)
         logits[:, :3] += 5  # the argmax is in the alphabet
         want = NoRepeatNGramLogitsProcessor(n)(seen, logits.clone()).argmax(-1)
-        assert torch.equal(_no_repeat_argmax(seen, logits.clone(), n), want)
+        banned = _no_repeat_bans(seen, n, logits.shape[-1])
+        got = logits.index_put(banned, torch.tensor(-float("inf"))).argmax(-1)
+        assert torch.equal(got, want)
         hits += int((want != logits.argmax(-1)).sum())
     assert hits > 10  # the ban changed many choices
 

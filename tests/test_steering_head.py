@@ -146,3 +146,67 @@ def test_default_chunk_fits_the_cache_on_cpu():
     assert default_chunk(48, cpu) == 8192
     assert default_chunk(1, cpu) == 16384
     assert default_chunk(400, torch.device("cuda")) == 65536
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("no_repeat", [0, 2])
+def test_greedy_decode_scores_the_vocabulary_in_chunks_as_the_full_softmax(load_tiny, arch,
+                                                                          no_repeat):
+    """The decode's chunked path (HeadBypass + step_masses) against its full-logits path,
+    which a (no-op) hook on the head forces."""
+    from steering.language.defaultness import greedy_language_masses, left_pad, pad_token_id
+    from steering.language.head import HeadBypass
+
+    model, tokenizer, _ = load_tiny(arch)
+    vocab = len(tokenizer)
+    set_ids = [torch.arange(0, vocab, 7), torch.arange(1, vocab, 5)]
+    ids, attn = left_pad([tokenizer(DEFAULT_TEMPLATE.format(prompt=p))["input_ids"]
+                          for p in ("Hi.", "Why do we sleep at night?", "Name a fruit.")],
+                         pad_token_id(tokenizer))
+    assert HeadBypass.applies(model)
+    chunked = greedy_language_masses(model, ids, attn, set_ids, 12,
+                                     no_repeat_ngram_size=no_repeat)
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: None)
+    try:
+        assert not HeadBypass.applies(model)
+        full = greedy_language_masses(model, ids, attn, set_ids, 12,
+                                      no_repeat_ngram_size=no_repeat)
+    finally:
+        handle.remove()
+    assert torch.equal(chunked[1], full[1])
+    torch.testing.assert_close(chunked[0], full[0], atol=1e-6, rtol=1e-5)
+    assert model.get_output_embeddings() is not None and HeadBypass.applies(model)
+
+
+def test_head_bypass_restores_the_head_after_an_error(load_tiny):
+    from steering.language.head import HeadBypass
+
+    model, tokenizer, _ = load_tiny("llama")
+    head = model.get_output_embeddings()
+    with pytest.raises(RuntimeError, match="inside"):
+        with HeadBypass(model) as bypass:
+            out = model(**tokenizer(["Hi there"], return_tensors="pt"), logits_to_keep=1)
+            assert out.logits.shape[-1] == 1 and bypass.hidden.shape[-1] == head.in_features
+            raise RuntimeError("inside")
+    assert model.get_output_embeddings() is head
+
+
+def test_step_masses_with_softcap_and_ties():
+    head = _synthetic_head(2.0, 1.0, True)
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(6, 32, generator=g)
+    mask = torch.zeros(1000, 2)
+    mask[::3, 0], mask[1::4, 1] = 1, 1
+    masses, best = head.step_masses(hidden, mask, chunk=128)
+    probs = head.logits(hidden).softmax(-1)
+    torch.testing.assert_close(masses, probs @ mask)
+    assert torch.equal(best, head.logits(hidden).argmax(-1))
+    logits = head.logits(hidden)
+    banned = (torch.tensor([0, 0, 3]), torch.stack([logits[0].argmax(), logits[0].topk(2)[1][1],
+                                                    logits[3].argmax()]))
+    masses_b, best_b = head.step_masses(hidden, mask, chunk=128, banned=banned)
+    torch.testing.assert_close(masses_b, masses)  # the ban moves the choice, not the masses
+    assert torch.equal(best_b, logits.index_put(banned, torch.tensor(-float("inf"))).argmax(-1))
+    assert best_b[0] != best[0] and best_b[1] == best[1]
+    tied = OutputHead(torch.zeros(300, 4))  # every logit equal: the first index, as argmax
+    assert tied.step_masses(torch.ones(2, 4), torch.ones(300, 1), chunk=64)[1].tolist() == [0, 0]

@@ -147,9 +147,14 @@ def contiguous_lm_head(model) -> bool:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or getattr(head, "_foxp2_contiguous", False):
         return False
-    head.register_forward_pre_hook(
-        lambda _m, args: (args[0].contiguous(), *args[1:]) if args and hasattr(
-            args[0], "is_contiguous") and not args[0].is_contiguous() else None)
+
+    def contiguous_input(_module, args):
+        if args and hasattr(args[0], "is_contiguous") and not args[0].is_contiguous():
+            return (args[0].contiguous(), *args[1:])
+        return None
+
+    contiguous_input.layout_only = True  # changes no value: a caller may skip it
+    head.register_forward_pre_hook(contiguous_input)
     head._foxp2_contiguous = True
     return True
 

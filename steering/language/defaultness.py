@@ -28,6 +28,7 @@ import torch
 from transformers.generation.logits_process import (NoRepeatNGramLogitsProcessor,
                                                    RepetitionPenaltyLogitsProcessor)
 
+from steering.language.head import HeadBypass, OutputHead
 from steering.language.token_sets import LanguageTokenSets
 
 DEFAULT_TEMPLATE = "Question: {prompt}\nAnswer:"
@@ -136,7 +137,7 @@ def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch
     if no_repeat_ngram_size < 0:
         raise ValueError(f"no_repeat_ngram_size={no_repeat_ngram_size}: must be ≥ 0 (0: off)")
     # transformers' own processors, so the decode is generate()'s by construction; the
-    # no-repeat ban alone takes a sparse path with the same result (_no_repeat_argmax)
+    # no-repeat ban alone takes a sparse path with the same result (_no_repeat_bans)
     processors = []
     if repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
@@ -144,6 +145,24 @@ def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch
         processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
     only_no_repeat = len(processors) == 1 and no_repeat_ngram_size > 0
     seen = input_ids if processors else None  # every id so far, per row
+    # The vocabulary scored in chunks (HeadBypass + OutputHead.step_masses: no (rows × V)
+    # logits, float copy or softmax; 2× per step on Gemma's 262k vocabulary), except under a
+    # repetition penalty, whose processor needs every logit, or when something hooks the head.
+    head = _chunkable_head(model) if not processors or only_no_repeat else None
+    with HeadBypass(model) if head is not None else nullcontext() as bypass:
+        return _greedy_steps(model, input_ids, attention_mask, set_ids, steps, processors,
+                             no_repeat_ngram_size if only_no_repeat else 0, seen, rows_of,
+                             head, bypass)
+
+
+def _chunkable_head(model) -> OutputHead | None:
+    """The head to score in chunks, or None where the model's own head call must run (not a
+    plain Linear, or hooked: an intervention on the logits)."""
+    return OutputHead.of(model) if HeadBypass.applies(model) else None
+
+
+def _greedy_steps(model, input_ids, attention_mask, set_ids, steps, processors, no_repeat,
+                  seen, rows_of, head, bypass):
     device = input_ids.device
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -152,61 +171,63 @@ def greedy_language_masses(model, input_ids: torch.Tensor, attention_mask: torch
         rows_of = rows_of.to(device)
         attention_mask, position_ids = attention_mask[rows_of], position_ids[rows_of]
         seen = None if seen is None else seen[rows_of]
-    if out.logits.shape[0] != attention_mask.shape[0]:
-        raise ValueError(f"the prompt pass returned {out.logits.shape[0]} rows for "
+    returned = (bypass.hidden if head is not None else out.logits).shape[0]
+    if returned != attention_mask.shape[0]:
+        raise ValueError(f"the prompt pass returned {returned} rows for "
                          f"{attention_mask.shape[0]}: pass rows_of when hooks widen the batch")
+    vocab = head.weight.shape[0] if head is not None else out.logits.shape[-1]
+    largest = max((int(ids.max()) for ids in set_ids if len(ids)), default=-1)
+    if largest >= vocab:
+        raise ValueError(f"token sets hold ids up to {largest}, but the model has only "
+                         f"{vocab} logits: sets from another tokenizer?")
+    if head is not None:
+        set_mask = torch.zeros(vocab, len(set_ids), device=head.weight.device)
+        for k, ids in enumerate(set_ids):
+            set_mask[ids.to(set_mask.device), k] = 1.0
     masses = torch.zeros(len(set_ids), attention_mask.shape[0], steps, dtype=torch.float32)
     tokens = torch.zeros(attention_mask.shape[0], steps, dtype=torch.long)
-    largest = max((int(ids.max()) for ids in set_ids if len(ids)), default=-1)
-    if largest >= out.logits.shape[-1]:
-        raise ValueError(f"token sets hold ids up to {largest}, but the model has only "
-                         f"{out.logits.shape[-1]} logits: sets from another tokenizer?")
     for step in range(steps):
-        logits = out.logits[:, -1].float()
-        probs = logits.softmax(-1)
-        for k, ids in enumerate(set_ids):
-            masses[k, :, step] = probs.index_select(-1, ids).sum(-1).cpu()
-        if seen is None:
-            chosen = logits.argmax(-1)
-        elif only_no_repeat:
-            chosen = _no_repeat_argmax(seen, logits, no_repeat_ngram_size)
-            seen = torch.cat([seen, chosen[:, None]], 1)
+        if head is not None:
+            bans = _no_repeat_bans(seen, no_repeat, vocab) if no_repeat else None
+            step_masses, chosen = head.step_masses(bypass.hidden[:, -1], set_mask,
+                                                   banned=bans)
+            masses[:, :, step] = step_masses.T.cpu()
         else:
+            logits = out.logits[:, -1].float()
+            probs = logits.softmax(-1)
+            for k, ids in enumerate(set_ids):
+                masses[k, :, step] = probs.index_select(-1, ids).sum(-1).cpu()
             scores = logits
             for process in processors:
                 scores = process(seen, scores)  # each returns a new tensor
             chosen = scores.argmax(-1)
-            seen = torch.cat([seen, chosen[:, None]], 1)
+        if seen is not None:
+            seen = torch.cat([seen, chosen[:, None].to(seen.device)], 1)
+        chosen = chosen.to(device)
         tokens[:, step] = chosen.cpu()
         if step == steps - 1:
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(chosen), 1)], 1)
         position_ids = position_ids[:, -1:] + 1
-        out = model(input_ids=chosen[:, None].to(device), attention_mask=attention_mask,
+        out = model(input_ids=chosen[:, None], attention_mask=attention_mask,
                     position_ids=position_ids, use_cache=True, logits_to_keep=1,
                     **{_cache_keyword(model): _returned_cache(out)})
     return masses, tokens
 
 
-def _no_repeat_argmax(seen: torch.Tensor, logits: torch.Tensor, n: int) -> torch.Tensor:
-    """``NoRepeatNGramLogitsProcessor(n)(seen, logits).argmax(-1)`` without its (batch ×
-    vocabulary) mask and copy: the plain argmax, redone only in the rows where it completes
-    an n-gram already in the row (a token is banned where a window of ``seen`` starts with the
-    row's last n − 1 tokens; ids past the logits cannot be generated and are ignored)."""
-    chosen = logits.argmax(-1)
+def _no_repeat_bans(seen: torch.Tensor, n: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, ids) that ``NoRepeatNGramLogitsProcessor(n)`` sets to −inf after ``seen``: a
+    token is banned where a window of the row starts with the row's last n − 1 tokens and ends
+    in it (ids past the logits cannot be generated and are left out)."""
     length = seen.shape[1]
     if length < n:
-        return chosen
+        empty = seen.new_zeros(0)
+        return empty, empty
     windows = seen.unfold(1, n, 1)  # (B, W, n)
-    prefix = seen[:, length + 1 - n:]
-    matches = (windows[..., :-1] == prefix[:, None]).all(-1)
-    banned = torch.where(matches, windows[..., -1], -1)  # (B, W); -1: no ban
-    for row in (banned == chosen[:, None]).any(-1).nonzero()[:, 0].tolist():
-        ids = banned[row][(banned[row] >= 0) & (banned[row] < logits.shape[-1])]
-        scores = logits[row].clone()
-        scores[ids] = -float("inf")
-        chosen[row] = scores.argmax()
-    return chosen
+    matches = (windows[..., :-1] == seen[:, length + 1 - n:][:, None]).all(-1)
+    matches &= windows[..., -1] < vocab
+    rows, which = matches.nonzero(as_tuple=True)
+    return rows, windows[rows, which, -1]
 
 
 def defaultness(model, tokenizer, prompts: Sequence, token_sets: LanguageTokenSets,

@@ -158,6 +158,87 @@ class OutputHead:
         return lse_z - t_z, lse_y - t_y, kl
 
 
+    @torch.no_grad()
+    def step_masses(self, hidden: Tensor, set_mask: Tensor, chunk: Optional[int] = None,
+                    banned: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+        """One greedy step from the final hidden states ``hidden`` (B, d): the softmax mass of
+        each token set, ``(B, K)`` float32 with ``set_mask`` (V, K) of 0/1, and the argmax
+        token (B,) (the first of tied maxima, as ``argmax``), without a (B × V) tensor.
+        ``banned`` (rows, ids): pairs the argmax may not pick (as if their logits were −inf;
+        the masses stay the model's own distribution)."""
+        rows = hidden.shape[0]
+        hidden = hidden.to(self.weight.device).contiguous()
+        set_mask = set_mask.to(hidden.device, torch.float32)
+        chunk = chunk or default_chunk(rows, hidden.device)
+        running_max = hidden.new_full((rows,), float("-inf"), dtype=torch.float32)
+        total = hidden.new_zeros(rows, dtype=torch.float32)
+        in_sets = hidden.new_zeros((rows, set_mask.shape[1]), dtype=torch.float32)
+        best = torch.zeros(rows, dtype=torch.long, device=hidden.device)
+        best_logit = running_max.clone()
+        for start, raw in _chunks(self, hidden, chunk):
+            z = self._post(raw)
+            new_max = torch.maximum(running_max, z.amax(-1))
+            shrink = (running_max - new_max).exp()
+            weights = (z - new_max[:, None]).exp()
+            total = total * shrink + weights.sum(-1)
+            in_sets = in_sets * shrink[:, None] + weights @ set_mask[start:start + z.shape[1]]
+            running_max = new_max
+            if banned is not None:
+                inside = (banned[1] >= start) & (banned[1] < start + z.shape[1])
+                z[banned[0][inside], banned[1][inside] - start] = float("-inf")
+            chunk_best, chunk_arg = z.max(-1)
+            better = chunk_best > best_logit  # strict: an earlier maximum wins a tie
+            best = torch.where(better, chunk_arg + start, best)
+            best_logit = torch.where(better, chunk_best, best_logit)
+        return in_sets / total[:, None], best
+
+
+class HeadBypass:
+    """Within ``with HeadBypass(model) as bypass:``, the model's LM head only records its input
+    (``bypass.hidden``: the last call's (B, L, d) final hidden states) and returns zeros of
+    shape (B, L, 1), so that a caller scores the vocabulary itself (:meth:`OutputHead.
+    step_masses`) while every hook on the model still runs as in a normal forward."""
+
+    @staticmethod
+    def applies(model) -> bool:
+        """Whether the head is a plain ``Linear`` that nothing hooks or patches (a hook on it,
+        e.g. a logit bias, would be skipped by the bypass), apart from hooks marked
+        ``layout_only`` (the loader's contiguous-input pre-hook)."""
+        head = model.get_output_embeddings()
+        if type(head) is not torch.nn.Linear or "forward" in vars(head):
+            return False
+        from torch.nn.modules import module as torch_module
+        hooks = [*head._forward_hooks.values(), *head._backward_hooks.values(),
+                 *torch_module._global_forward_hooks.values(),
+                 *torch_module._global_forward_pre_hooks.values(),
+                 *(h for h in head._forward_pre_hooks.values()
+                   if not getattr(h, "layout_only", False))]
+        return not hooks
+
+    def __init__(self, model):
+        head = model.get_output_embeddings()
+        name = next((n for n, m in model.named_modules() if m is head), None)
+        if not name:
+            raise TypeError(f"{type(model).__name__}'s LM head is not one of its submodules")
+        parent, _, self.attribute = name.rpartition(".")
+        self.parent = model.get_submodule(parent) if parent else model
+        self.head, self.hidden = head, None
+
+    def __enter__(self) -> "HeadBypass":
+        bypass = self
+
+        class _Record(torch.nn.Module):
+            def forward(self, hidden: Tensor) -> Tensor:
+                bypass.hidden = hidden
+                return hidden.new_zeros(*hidden.shape[:-1], 1)
+
+        setattr(self.parent, self.attribute, _Record())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        setattr(self.parent, self.attribute, self.head)
+
+
 def default_chunk(rows: int, device: torch.device) -> int:
     """Vocabulary rows per step: about 400k float32 logits (1.6 MB, L2-sized) on CPU, where
     1k–4k rows measured fastest for 48–400 positions; 64k on an accelerator."""
