@@ -10,8 +10,8 @@ T steps + KL_gen), each timed two ways on the same prompts, sentences and steer:
   plain     decode in batches of 16; the held-out text's unsteered log-probs recomputed on
             every call; the continuation NLL from full-sequence logits
   harness   steering.evaluate.harness as the pipeline runs it: 64-row decode batches, the unsteered
-            log-probs of each split computed once (HeldOutText), the LM head only at the
-            continuation's scored columns
+            final hidden states of each split computed once (HeldOutText), the LM head only at
+            the continuation's scored columns and in vocabulary chunks (steering.language.head)
 
 Both must give the same numbers (printed: the largest absolute difference). A synthetic
 neuron-mode artifact (3 layers × 24 MLP neurons) stands in for a tuned one: the cost does not
