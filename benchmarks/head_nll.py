@@ -16,6 +16,11 @@ Two timed workloads, each against its plain reference in the same run (best of `
    as in the steer stage. Reference: full logits, float32 log-softmax, base log-probs kept
    (1 GB at 48 sentences), KL over the whole vocabulary.
 
+4. The greedy decode of the evaluation (``--prompts`` × ``--tokens`` new tokens, batches of 16,
+   the headline no-repeat 3-gram ban): the chunked step (``HeadBypass`` + ``step_masses``)
+   against the full-logits step with transformers' processor, which a no-op hook on the head
+   forces. Printed: whether the tokens are the same, and the largest ΔM difference.
+
 Printed: seconds, speed-up and the largest absolute difference of the NLLs (and gradients).
 """
 
@@ -120,6 +125,29 @@ def main() -> None:
           f"(gradient {float((grad.float() - ref_grad.float()).abs().max()):.1e}) |")
 
     held_out(model, tokenizer, args)
+    decode(model, tokenizer, prompts, sets, args)
+
+
+def decode(model, tokenizer, prompts, sets, args) -> None:
+    import numpy as np
+
+    from steering.evaluate.harness import EvalSettings, generate
+
+    settings = EvalSettings(max_new_tokens=args.tokens, no_repeat_ngram_size=3, batch_size=16)
+
+    def run():
+        return generate(model, tokenizer, prompts, None, sets, "es", "en", settings)
+
+    t_chunk, chunked = _best(run, args.repeats)
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: None)
+    try:
+        t_plain, plain = _best(run, args.repeats)
+    finally:
+        handle.remove()
+    same = chunked.new_ids == plain.new_ids
+    print(f"| greedy decode, {len(prompts)} prompts × {args.tokens} tokens, no repeated 3-gram | "
+          f"{t_plain:.2f} | {t_chunk:.2f} | {t_plain / t_chunk:.2f}× | same tokens: {same}, ΔM "
+          f"{float(np.abs(chunked.delta_m - plain.delta_m).max()):.1e} |")
 
 
 def held_out(model, tokenizer, args) -> None:

@@ -1,5 +1,11 @@
-"""A causal LM split into its decoder body and its output head, and the head's token NLL
-without the full-vocabulary float32 log-softmax.
+"""A causal LM split into its decoder body and its output head, and every score the steering
+stages take from the head without the full-vocabulary float32 logits:
+
+- ``OutputHead.token_nll``: −log p(target) per position, differentiable (the relevance PMI,
+  the continuation NLL guard, the learned steer's answer NLL);
+- ``OutputHead.kl_and_nll``: KL(steered ‖ base) and both NLLs of held-out text in one pass;
+- ``OutputHead.step_masses`` with ``HeadBypass``: one greedy step's token-set masses and
+  argmax (every decode: generation, ΔM, the lift), the model's own head call skipped.
 
 Every teacher-forced score of the steering stage (the relevance guard's PMI, the continuation
 NLL guard, the learned steer's answer NLL) needs ``−log p(target)`` at a few positions, i.e.
@@ -9,7 +15,8 @@ vocabulary the plain way, ``head(h).float().log_softmax(-1)``, writes and re-rea
 the head runs in vocabulary chunks sized to stay in cache, with an online logsumexp: the same
 bf16 logits, the same float32 result to ~1e-5, 2.7× faster on 400 positions of the demo model
 on one CPU thread (``benchmarks/head_nll.py``). Its backward recomputes each chunk's softmax,
-so nothing of vocabulary size is kept for autograd either.
+so nothing of vocabulary size is kept for autograd either. A greedy step of 16 rows costs
+half of the model's head call followed by the float32 softmax.
 
 The head's own transformation of the logits is applied exactly: a bias, Gemma-2's final
 tanh soft-capping, a logit scale (Cohere's ``logit_scale``, Granite's ``logits_scaling``).
