@@ -83,8 +83,32 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, env):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "resuming" in out
-    assert _tree_bytes(killed) == _tree_bytes(reference)
+    got, want = _tree_bytes(killed), _tree_bytes(reference)
+    assert got == want, _describe_differences(got, want)
     ActivationCache(killed, verify=True)
+
+
+def _describe_differences(got: dict[str, bytes], want: dict[str, bytes]) -> str:
+    """Which files differ and, for shard arrays, by how much (a failure should say whether
+    tokens moved or only the last bits of some activations)."""
+    import io
+
+    import numpy as np
+
+    lines = [f"missing: {sorted(set(want) - set(got))}, extra: {sorted(set(got) - set(want))}"]
+    for name in sorted(set(got) & set(want)):
+        if got[name] == want[name]:
+            continue
+        if name.endswith(".npy") and not name.startswith("meta/"):
+            a, b = (np.load(io.BytesIO(x)) for x in (got[name], want[name]))
+            if a.shape == b.shape:
+                differ = a != b
+                lines.append(f"{name}: {int(differ.sum())} of {a.size} values differ, in "
+                             f"{int(differ.any(-1).sum())} of {len(a)} tokens (first "
+                             f"{int(np.argmax(differ.any(-1)))})")
+                continue
+        lines.append(f"{name}: differs")
+    return "\n".join(lines)
 
 
 def test_corrupted_shard_is_detected(tmp_path, env):
