@@ -163,6 +163,10 @@ def _chunkable_head(model) -> OutputHead | None:
 
 def _greedy_steps(model, input_ids, attention_mask, set_ids, steps, processors, no_repeat,
                   seen, rows_of, head, bypass):
+    """The decode loop of :func:`greedy_language_masses`: with ``head`` (and its ``bypass``
+    recording the final hidden states) each step is scored in vocabulary chunks, the
+    no-repeat bans (``no_repeat`` > 0) applied inside; without, from the model's own logits
+    through ``processors``."""
     device = input_ids.device
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
