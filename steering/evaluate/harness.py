@@ -192,7 +192,7 @@ class HeldOutText:
     model's final hidden states at the scored positions computed once and kept.
 
     Every method and every tuning point compares its steered next-token distributions against
-    the same base ones. Keeping the base hidden states (positions × d: 0.4 MB for 16 sentences
+    the same base ones. Keeping the base hidden states (and their token NLL) (positions × d: 0.4 MB for 16 sentences
     on Gemma-3-270m) rather than base log-probs (positions × vocabulary float32: 1 GB for 48
     sentences) saves the body's forward per call; the head recomputes base logits chunk by
     chunk next to the steered ones (:meth:`steering.language.head.OutputHead.kl_and_nll`).
@@ -232,13 +232,16 @@ class HeldOutText:
                            position_ids=batch["pos"])
         return out[:, :-1][batch["valid"]]
 
-    def base(self, batch: dict) -> torch.Tensor:
+    def base(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states, token NLL) of one batch's scored positions under the unsteered
+        model, kept after the first call (``keep_base``)."""
         if batch["base"] is not None:
             return batch["base"]
         hidden = self.hidden(batch)
+        base = hidden, self.head.token_nll(hidden, batch["targets"])
         if self.keep_base:
-            batch["base"] = hidden
-        return hidden
+            batch["base"] = base
+        return base
 
 
 @torch.no_grad()
@@ -263,8 +266,7 @@ def sentence_scores(model, tokenizer, sentences: Sequence[str] | HeldOutText,
             sums = torch.zeros(len(batch["ids"]), device=values.device)
             return (sums.index_add_(0, batch["row"], values) / counts).cpu().numpy()
 
-        base = text.base(batch)
-        base_nll = text.head.token_nll(base, batch["targets"])
+        base, base_nll = text.base(batch)
         nll_base[rows] = per_row(base_nll)
         for mode in modes:
             if artifact is None or not artifact.edits:

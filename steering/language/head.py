@@ -43,18 +43,12 @@ def decoder_body(model):
 
 @torch.no_grad()
 def final_hidden(model, **inputs) -> Tensor:
-    """The decoder body's output (final norm included) of a full ``model(**inputs)`` call,
-    with the LM head on one column only. Unlike calling :func:`decoder_body` directly, every
-    hook on the model itself runs (the steering runtime tracks prompts there)."""
-    seen = []
-    handle = decoder_body(model).register_forward_hook(
-        lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else
-                                        out.last_hidden_state))
-    try:
-        model(**inputs, use_cache=False, logits_to_keep=1)
-    finally:
-        handle.remove()
-    return seen[-1]
+    """The final hidden states (B, L, d) (final norm included) of a full ``model(**inputs)``
+    call, the LM head skipped (:class:`HeadBypass`). Unlike calling :func:`decoder_body`
+    directly, every hook on the model itself runs (the steering runtime tracks prompts there)."""
+    with HeadBypass(model) as bypass:
+        model(**inputs, use_cache=False)
+    return bypass.hidden
 
 
 def _config_value(model, name: str):
@@ -232,18 +226,23 @@ class HeadBypass:
         self.head, self.hidden = head, None
 
     def __enter__(self) -> "HeadBypass":
-        bypass = self
-
-        class _Record(torch.nn.Module):
-            def forward(self, hidden: Tensor) -> Tensor:
-                bypass.hidden = hidden
-                return hidden.new_zeros(*hidden.shape[:-1], 1)
-
-        setattr(self.parent, self.attribute, _Record())
+        setattr(self.parent, self.attribute, _RecordInput(self))
         return self
 
     def __exit__(self, *exc) -> None:
         setattr(self.parent, self.attribute, self.head)
+
+
+class _RecordInput(torch.nn.Module):
+    """The stand-in head of :class:`HeadBypass`."""
+
+    def __init__(self, bypass: HeadBypass):
+        super().__init__()
+        self.bypass = [bypass]  # a list: not registered as a submodule
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        self.bypass[0].hidden = hidden
+        return hidden.new_zeros(*hidden.shape[:-1], 1)
 
 
 def default_chunk(rows: int, device: torch.device) -> int:
