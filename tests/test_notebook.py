@@ -159,6 +159,10 @@ def test_demo_report_fields_plots_and_artifacts(tiny_demo_run, foxp2_cache_root,
         for reason, rate in failures.items():
             assert 0 <= rate <= 1 and m["metrics"]["default"]["mean"] + rate <= 1 + 1e-9, \
                 (name, reason)
+        # τ calibrated on the native answers to every tuning prompt (evaluation.
+        # relevance_prompts: null), not on the 6 of tuning.n_prompts
+        if "relevance" in failures:
+            assert m["metrics"]["relevance_calibration_answers"] > 6, name
     assert {b["metric"] for b in report["bars"]} == {"default", "nll_change_gen"}
     for name in ("frontier", "default_vs_gamma", "layer_gains", "default_by_method",
                  "default_failures"):

@@ -194,6 +194,8 @@ def test_steer_settings_are_checked_at_start():
         SteerEvalConfig(gen_batch_size=0)
     with pytest.raises(LocaliseConfigError, match="caa_layer_stride"):
         SteerTuningConfig(caa_layer_stride=0)
+    with pytest.raises(LocaliseConfigError, match="relevance_prompts"):
+        SteerEvalConfig(relevance_prompts=1)
     for bad in ("lots", "-0.1"):
         with pytest.raises(LocaliseConfigError, match="tuning.nll_budget"):
             SteerTuningConfig(nll_budget=bad)

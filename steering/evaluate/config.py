@@ -139,6 +139,11 @@ class SteerEvalConfig:
     relevance: bool = True
     # τ = this quantile of the native tuning answers' PMI.
     relevance_quantile: float = 0.05
+    # How many tuning prompts' native answers calibrate τ (null: the whole tuning split, 66 on
+    # the embedded corpus). Not tuning.n_prompts: a 5% quantile of 16 answers is about their
+    # minimum — sd 0.15 nats/token over draws of 16, biased up, and it moved the demo's Hindi τ
+    # from 0.60 (bf16) to 0.81 (float32); docs/results.md, "The relevance threshold".
+    relevance_prompts: Optional[int] = None
     relevance_others: int = 4  # other questions each answer is compared against
     # Also evaluate the final artifacts (and the none / native rows) under plain greedy
     # decoding, at their tuned strengths with no re-tuning: report.json's "plain_greedy" and a
@@ -151,6 +156,9 @@ class SteerEvalConfig:
         _check(0 <= self.relevance_quantile < 1 and self.relevance_others >= 1,
                f"evaluation.relevance_quantile={self.relevance_quantile} (in [0, 1)), "
                f"evaluation.relevance_others={self.relevance_others} (≥ 1)")
+        _check(self.relevance_prompts is None or self.relevance_prompts >= 2,
+               f"evaluation.relevance_prompts={self.relevance_prompts}: must be ≥ 2 (or null: "
+               "every tuning prompt)")
         _check(self.repetition_penalty > 0,
                f"evaluation.repetition_penalty={self.repetition_penalty}: must be > 0 (1: off)")
         _check(self.native_template is None or "{prompt}" in self.native_template,

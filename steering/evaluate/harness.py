@@ -356,6 +356,7 @@ def _relevance_guard(model, tokenizer, relevance, prompts, gens: Generations,
     ci = lambda v: bootstrap_ci(v, n_boot=settings.n_boot, seed=settings.seed)  # noqa: E731
     return default * relevant, {"relevance": wilson_ci(relevant), "relevance_pmi": ci(pmi),
                                 "relevance_tau": relevance.tau,
+                                "relevance_calibration_answers": relevance.calibration_answers,
                                 "default_without_relevance": wilson_ci(default)}
 
 

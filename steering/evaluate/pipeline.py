@@ -383,10 +383,12 @@ def teacher_provider(run: SteerRun):
 def calibrate_relevance(run: SteerRun) -> RelevanceCheck | None:
     """τ of the relevance guard from the native answers to the tuning prompts (their PMI's
     ``evaluation.relevance_quantile``); None when the guard is off or the target has no
-    native template or translations."""
+    native template or translations. The sample is ``evaluation.relevance_prompts`` tuning
+    prompts (all by default), not the tuning objective's ``tuning.n_prompts``: a tail quantile
+    needs more answers than a DEFAULT rate does."""
     cfg, ev = run.cfg, run.cfg.evaluation
     template = native_template(cfg.target, ev.native_template)
-    rows = _subset(load_embedded_prompts(["tuning"]), cfg.tuning.n_prompts, cfg.seed)
+    rows = _subset(load_embedded_prompts(["tuning"]), ev.relevance_prompts, cfg.seed)
     texts, _ = native_prompts(rows, cfg.target)
     if not ev.relevance or template is None or len(texts) < 2:
         return None
@@ -406,7 +408,8 @@ def calibrate_relevance(run: SteerRun) -> RelevanceCheck | None:
     log.info("relevance guard: τ = %.3f nats/token (the %g quantile of %d native tuning "
              "answers' PMI, median %.3f)", tau, ev.relevance_quantile, len(texts),
              float(np.nanmedian(pmi)))
-    return RelevanceCheck(tau, template, settings, questions)
+    return RelevanceCheck(tau, template, settings, questions,
+                          calibration_answers=int(np.isfinite(pmi).sum()))
 
 
 def tuning_nll_budget(cfg) -> float | None:

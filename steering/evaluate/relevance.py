@@ -87,6 +87,7 @@ class RelevanceCheck:
     template: str
     settings: RelevanceSettings = field(default_factory=RelevanceSettings)
     questions: dict[str, str] = field(default_factory=dict)
+    calibration_answers: int = 0  # how many native answers τ was calibrated on
 
     def pmi(self, model, tokenizer, prompts: Sequence[str], answers: Sequence[Sequence[int]],
             batch_size: int = 16, rows: Sequence[int] | None = None) -> np.ndarray:
