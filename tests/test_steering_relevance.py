@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from steering.language.defaultness import DEFAULT_TEMPLATE
+from steering.evaluate.harness import continuation_nll
 from steering.evaluate.relevance import (RelevanceError, RelevanceSettings, calibrate_threshold,
-                                relevance_pmi)
+                                         relevance_pmi, shared_prompt_nll)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -68,6 +69,27 @@ def test_a_subset_of_rows_scores_exactly_as_the_full_call(load_tiny):
     with pytest.raises(RelevanceError, match="out of range"):
         relevance_pmi(model, tokenizer, QUESTIONS, answers, DEFAULT_TEMPLATE, settings,
                       rows=[6])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_shared_prompt_nll_equals_one_row_per_pair(load_tiny, arch):
+    """Each prompt run once, its KV cache copied to every continuation scored after it: the
+    same NLLs as the plain left-padded pass of each (prompt, continuation) pair — prompts of
+    different lengths, continuations of different lengths, an empty one, blocks of 2 prompts."""
+    model, tokenizer, _ = load_tiny(arch)
+    answers = _greedy_answers(model, tokenizer)
+    lengths = [12, 7, 3, 12, 1, 9]
+    conts = [[answers[(p + k) % len(QUESTIONS)][:lengths[(p + k) % 6]] for k in range(3)]
+             for p in range(len(QUESTIONS))]
+    conts[2][1] = []
+    shared = shared_prompt_nll(model, tokenizer, QUESTIONS, conts, DEFAULT_TEMPLATE,
+                               batch_size=2)
+    for p, row in enumerate(conts):
+        plain = continuation_nll(model, tokenizer, [QUESTIONS[p]] * len(row),
+                                 [list(c) for c in row], 0, DEFAULT_TEMPLATE)
+        np.testing.assert_allclose(shared[p], plain, rtol=0, atol=2e-5, err_msg=str(p))
+    assert np.isnan(shared[2][1]) and np.isfinite(shared[2][0])
+    assert all(np.isfinite(v).sum() >= 2 for v in shared)
 
 
 @pytest.mark.parametrize("bad", [dict(n_others=0), dict(max_tokens=0), dict(quantile=1.0)])

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import torch
 
 
 class RelevanceError(ValueError):
@@ -53,8 +54,6 @@ def relevance_pmi(model, tokenizer, questions: Sequence[str], answers: Sequence[
     ``rows``: score only these answers (NaN elsewhere). PMI_i depends on answer i and the
     question list only, so a subset gives exactly the values of the full call; tuning uses it
     to score only the answers that pass every other guard (the others fail DEFAULT anyway)."""
-    from steering.evaluate.harness import continuation_nll
-
     n = len(questions)
     if n != len(answers):
         raise RelevanceError(f"{n} questions but {len(answers)} answers")
@@ -67,14 +66,83 @@ def relevance_pmi(model, tokenizer, questions: Sequence[str], answers: Sequence[
     if not chosen:
         return out
     k_max = min(settings.n_others, n - 1)
-    cut = [list(answers[i])[:settings.max_tokens] for i in chosen]
-    own = continuation_nll(model, tokenizer, [questions[i] for i in chosen], cut, 0, template,
-                           batch_size)
-    others = np.stack([continuation_nll(model, tokenizer,
-                                        [questions[(i + k) % n] for i in chosen], cut, 0,
-                                        template, batch_size)
-                       for k in range(1, k_max + 1)])
-    out[chosen] = others.mean(0) - own
+    cut = {i: list(answers[i])[:settings.max_tokens] for i in chosen}
+    # every (question, answer) pair to score, grouped by question: each question's prompt goes
+    # through the model once for all the answers scored after it (K + 1 of them)
+    pairs: dict[int, list[int]] = {}
+    for i in chosen:
+        for k in range(k_max + 1):
+            pairs.setdefault((i + k) % n, []).append(i)
+    asked = sorted(pairs)
+    nll = shared_prompt_nll(model, tokenizer, [questions[j] for j in asked],
+                            [[cut[i] for i in pairs[j]] for j in asked], template, batch_size)
+    scored = {(j, i): v for j, values in zip(asked, nll) for i, v in zip(pairs[j], values)}
+    for i in chosen:
+        own = scored[(i, i)]
+        others = [scored[((i + k) % n, i)] for k in range(1, k_max + 1)]
+        out[i] = float(np.mean(others)) - own
+    return out
+
+
+@torch.no_grad()
+def shared_prompt_nll(model, tokenizer, prompts: Sequence[str],
+                      continuations: Sequence[Sequence[Sequence[int]]], template: str,
+                      batch_size: int = 16) -> list[np.ndarray]:
+    """Mean NLL (nats/token) under the model of each continuation in ``continuations[p]``
+    after prompt ``p`` (formatted with ``template``); NaN for an empty one. Equal to
+    :func:`steering.evaluate.harness.continuation_nll` of every pair (tested), but each prompt
+    is run once and its KV cache shared by its continuations: the relevance PMI scores each
+    answer after K + 1 questions, and the prompt is about half of every row's tokens."""
+    from steering.evaluate.harness import continuation_nll
+    from steering.language.defaultness import (_cache_keyword, _returned_cache, left_pad,
+                                               pad_token_id)
+    from steering.language.head import OutputHead, decoder_body
+
+    out = [np.full(len(c), np.nan) for c in continuations]
+    body, head = decoder_body(model), OutputHead.of(model)
+    device = next(model.parameters()).device
+    pad = pad_token_id(tokenizer)
+    encoded = tokenizer([template.format(prompt=p) for p in prompts])["input_ids"]
+    for start in range(0, len(prompts), batch_size):
+        block = range(start, min(start + batch_size, len(prompts)))
+        rows = [(p, j, list(c)) for p in block for j, c in enumerate(continuations[p]) if c]
+        if not rows:
+            continue
+        ids, attn = left_pad([encoded[p] for p in block], pad)
+        prompt_pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        first = body(input_ids=ids.to(device), attention_mask=attn.to(device),
+                     position_ids=prompt_pos.to(device), use_cache=True)
+        cache = _returned_cache(first)
+        if cache is None or not hasattr(cache, "batch_select_indices"):
+            # a model whose cache cannot be shared between rows: one row per pair
+            nll = continuation_nll(model, tokenizer, [prompts[p] for p, _, _ in rows],
+                                   [c for _, _, c in rows], 0, template, batch_size)
+            for (p, j, _), v in zip(rows, nll):
+                out[p][j] = v
+            continue
+        which = torch.tensor([p - start for p, _, _ in rows])
+        cache.batch_select_indices(which.to(device))  # one copy of the prompt per row
+        # continuations right-padded after their prompt: a pad only follows real tokens
+        width = max(len(c) for _, _, c in rows)
+        cont = torch.full((len(rows), width), pad, dtype=torch.long)
+        cont_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (_, _, c) in enumerate(rows):
+            cont[r, :len(c)] = torch.tensor(c)
+            cont_mask[r, :len(c)] = 1
+        mask = torch.cat([attn[which], cont_mask], 1)
+        pos = prompt_pos[which, -1:] + 1 + torch.arange(width)
+        rest = body(input_ids=cont.to(device), attention_mask=mask.to(device),
+                    position_ids=pos.to(device), use_cache=True,
+                    **{_cache_keyword(body): cache})
+        # token t of a continuation is predicted at t − 1; token 0 by the prompt's last state
+        hidden = torch.cat([first.last_hidden_state[which.to(device), -1:],
+                            rest.last_hidden_state[:, :-1]], 1)
+        valid = cont_mask.bool()
+        nll = head.token_nll(hidden[valid.to(device)], cont[valid].to(device)).float().cpu()
+        row_of = torch.arange(len(rows))[:, None].expand(-1, width)[valid]
+        sums = torch.zeros(len(rows)).index_add_(0, row_of, nll)
+        for r, (p, j, c) in enumerate(rows):
+            out[p][j] = float(sums[r]) / len(c)
     return out
 
 
