@@ -30,14 +30,7 @@ import argparse
 import os
 import time
 
-
-def _best(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+from timing import best_of
 
 
 def main() -> None:
@@ -92,8 +85,8 @@ def main() -> None:
                     -1, ids[b, cols][:, None]).mean())
         return out
 
-    t_plain, ref = _best(plain_continuation_nll, args.repeats)
-    t_chunk, got = _best(lambda: continuation_nll(model, tokenizer, prompts,
+    t_plain, ref = best_of(plain_continuation_nll, args.repeats)
+    t_chunk, got = best_of(lambda: continuation_nll(model, tokenizer, prompts,
                                                   [list(a) for a in answers], 0),
                          args.repeats)
     print("| workload | plain s | chunked head s | speed-up | max abs NLL diff |")
@@ -118,8 +111,8 @@ def main() -> None:
             return nll.detach(), h.grad
         return run
 
-    t_plain, (ref_nll, ref_grad) = _best(fwd_bwd(False), args.repeats)
-    t_chunk, (nll, grad) = _best(fwd_bwd(True), args.repeats)
+    t_plain, (ref_nll, ref_grad) = best_of(fwd_bwd(False), args.repeats)
+    t_chunk, (nll, grad) = best_of(fwd_bwd(True), args.repeats)
     print(f"| answer NLL forward + backward, {hidden.shape[0]} positions | {t_plain:.2f} | "
           f"{t_chunk:.2f} | {t_plain / t_chunk:.2f}× | {float((nll - ref_nll).abs().max()):.1e} "
           f"(gradient {float((grad.float() - ref_grad.float()).abs().max()):.1e}) |")
@@ -138,10 +131,10 @@ def decode(model, tokenizer, prompts, sets, args) -> None:
     def run():
         return generate(model, tokenizer, prompts, None, sets, "es", "en", settings)
 
-    t_chunk, chunked = _best(run, args.repeats)
+    t_chunk, chunked = best_of(run, args.repeats)
     handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: None)
     try:
-        t_plain, plain = _best(run, args.repeats)
+        t_plain, plain = best_of(run, args.repeats)
     finally:
         handle.remove()
     same = chunked.new_ids == plain.new_ids

@@ -21,16 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
-
-def _best(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+from timing import best_of
 
 
 def main() -> None:
@@ -88,8 +80,8 @@ def main() -> None:
         def shared():
             return relevance_pmi(model, tokenizer, questions, answers, template, settings)
 
-        t_ref, pmi_ref = _best(reference, args.repeats)
-        t_new, pmi_new = _best(shared, args.repeats)
+        t_ref, pmi_ref = best_of(reference, args.repeats)
+        t_new, pmi_new = best_of(shared, args.repeats)
         tau = [float(np.nanquantile(v, 0.05)) for v in (pmi_ref, pmi_new)]
         print(f"{target:6} {t_ref:12.2f} {t_new:9.2f} {t_ref / t_new:8.2f}× "
               f"{float(np.nanmax(np.abs(pmi_ref - pmi_new))):11.2e} {tau[0]:7.3f} {tau[1]:9.3f}")
