@@ -59,10 +59,8 @@ def main() -> None:
         questions, _ = native_prompts(load_embedded_prompts(["tuning"]), target)
         questions = questions[:args.prompts]
         # token sets only feed ΔM, which is not measured here: any two disjoint id sets do
-        vocab = model.get_output_embeddings().weight.shape[0]
-        labels = np.full(vocab, -1, dtype=np.int16)
-        labels[[1, 2]] = [0, 1]
-        sets = LanguageTokenSets((target, "en"), labels, np.zeros(vocab, dtype=np.uint8))
+        sets = LanguageTokenSets.from_ids({target: [1], "en": [2]},
+                                          model.get_output_embeddings().weight.shape[0])
         decoding = dataclasses.replace(EvalSettings(max_new_tokens=args.tokens),
                                        template=template, no_repeat_ngram_size=3)
         answers = generate(model, tokenizer, questions, None, sets, target, "en",

@@ -53,11 +53,10 @@ def main() -> None:
         model, tokenizer, _ = api.load_model(f"model={args.model}", f"model.dtype={dtype}")
         tokenizer.padding_side = "left"
         vocab = model.get_output_embeddings().weight.shape[0]
-        labels = np.full(vocab, -1, dtype=np.int16)
-        labels[[1, 2]] = [0, 1]  # ΔM is not used here: any two disjoint sets do
         for target in args.targets:
             started = time.perf_counter()
-            sets = LanguageTokenSets((target, "en"), labels, np.zeros(vocab, dtype=np.uint8))
+            # ΔM is not used here: any two disjoint sets do
+            sets = LanguageTokenSets.from_ids({target: [1], "en": [2]}, vocab)
             template = native_template(target, None)
             decoding = dataclasses.replace(EvalSettings(max_new_tokens=24), template=template,
                                            no_repeat_ngram_size=3)

@@ -92,6 +92,25 @@ def test_shared_prompt_nll_equals_one_row_per_pair(load_tiny, arch):
     assert all(np.isfinite(v).sum() >= 2 for v in shared)
 
 
+def test_shared_prompt_nll_without_a_selectable_cache_scores_row_by_row(load_tiny, monkeypatch):
+    """A model whose KV cache cannot be copied per row (older transformers return tuples):
+    every pair is scored as its own row, with the same numbers."""
+    from transformers import cache_utils
+
+    model, tokenizer, _ = load_tiny("llama")
+    answers = _greedy_answers(model, tokenizer)
+    conts = [[answers[p], answers[(p + 1) % len(QUESTIONS)][:5]] for p in range(len(QUESTIONS))]
+    shared = shared_prompt_nll(model, tokenizer, QUESTIONS, conts, DEFAULT_TEMPLATE,
+                               batch_size=4)
+    monkeypatch.delattr(cache_utils.Cache, "batch_select_indices", raising=False)
+    monkeypatch.delattr(cache_utils.DynamicCache, "batch_select_indices", raising=False)
+    assert not hasattr(cache_utils.DynamicCache(), "batch_select_indices")
+    row_by_row = shared_prompt_nll(model, tokenizer, QUESTIONS, conts, DEFAULT_TEMPLATE,
+                                   batch_size=4)
+    for a, b in zip(shared, row_by_row):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("bad", [dict(n_others=0), dict(max_tokens=0), dict(quantile=1.0)])
 def test_bad_relevance_settings(bad):
     with pytest.raises(RelevanceError, match=next(iter(bad))):

@@ -192,9 +192,9 @@ class HeldOutText:
     model's final hidden states at the scored positions computed once and kept.
 
     Every method and every tuning point compares its steered next-token distributions against
-    the same base ones. Keeping the base hidden states (and their token NLL) (positions × d: 0.4 MB for 16 sentences
-    on Gemma-3-270m) rather than base log-probs (positions × vocabulary float32: 1 GB for 48
-    sentences) saves the body's forward per call; the head recomputes base logits chunk by
+    the same base ones. Keeping the base hidden states and their token NLL (positions × d:
+    0.4 MB for 16 sentences on Gemma-3-270m) rather than base log-probs (positions ×
+    vocabulary float32: 1 GB for 48 sentences) saves the body's forward per call; the head recomputes base logits chunk by
     chunk next to the steered ones (:meth:`steering.language.head.OutputHead.kl_and_nll`).
     ``keep_base=False`` recomputes them each call."""
 

@@ -400,16 +400,17 @@ def calibrate_relevance(run: SteerRun) -> RelevanceCheck | None:
     pmi = relevance_pmi(run.model, run.tokenizer, texts, gens.new_ids, template, settings,
                         ev.batch_size)
     tau = calibrate_threshold(pmi, ev.relevance_quantile)
+    answered = int(np.isfinite(pmi).sum())  # an empty answer has no PMI
     table = load_prompt_translations(cfg.target)
     # each English prompt's question in the target language, for the evaluation split and
     # for the tuning split (the "default" tuning objective applies the guard there)
     questions = {p.text: table[p.id] for p in load_embedded_prompts(["tuning", "evaluation"])
                  if p.id in table}
     log.info("relevance guard: τ = %.3f nats/token (the %g quantile of %d native tuning "
-             "answers' PMI, median %.3f)", tau, ev.relevance_quantile, len(texts),
+             "answers' PMI, median %.3f)", tau, ev.relevance_quantile, answered,
              float(np.nanmedian(pmi)))
     return RelevanceCheck(tau, template, settings, questions,
-                          calibration_answers=int(np.isfinite(pmi).sum()))
+                          calibration_answers=answered)
 
 
 def tuning_nll_budget(cfg) -> float | None:

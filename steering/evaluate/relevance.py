@@ -103,17 +103,20 @@ def shared_prompt_nll(model, tokenizer, prompts: Sequence[str],
     device = next(model.parameters()).device
     pad = pad_token_id(tokenizer)
     encoded = tokenizer([template.format(prompt=p) for p in prompts])["input_ids"]
+    shareable = True  # until a prompt pass returns a cache that cannot be copied per row
     for start in range(0, len(prompts), batch_size):
         block = range(start, min(start + batch_size, len(prompts)))
         rows = [(p, j, list(c)) for p in block for j, c in enumerate(continuations[p]) if c]
         if not rows:
             continue
-        ids, attn = left_pad([encoded[p] for p in block], pad)
-        prompt_pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        first = body(input_ids=ids.to(device), attention_mask=attn.to(device),
-                     position_ids=prompt_pos.to(device), use_cache=True)
-        cache = _returned_cache(first)
-        if cache is None or not hasattr(cache, "batch_select_indices"):
+        if shareable:
+            ids, attn = left_pad([encoded[p] for p in block], pad)
+            prompt_pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            first = body(input_ids=ids.to(device), attention_mask=attn.to(device),
+                         position_ids=prompt_pos.to(device), use_cache=True)
+            cache = _returned_cache(first)
+            shareable = cache is not None and hasattr(cache, "batch_select_indices")
+        if not shareable:
             # a model whose cache cannot be shared between rows: one row per pair
             nll = continuation_nll(model, tokenizer, [prompts[p] for p, _, _ in rows],
                                    [c for _, _, c in rows], 0, template, batch_size)
